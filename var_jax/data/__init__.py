@@ -1,0 +1,1 @@
+"""Input data: sources (embedded digits, image folder, TFDS), the reference transforms, the grain pipeline."""
