@@ -1,0 +1,118 @@
+"""The grain input pipeline: shuffle, epochs, reference transforms, per-host shards, batches.
+
+One global stream is defined for all hosts: a seeded shuffle of the source (a new order every epoch), the
+epochs concatenated, each element transformed with a generator seeded by its position in the stream. Host p of
+P then takes stream positions p, p+P, p+2P, ... and batches them by global_batch_size / P. Global batch k is
+therefore the same set of examples, with the same random crops, whatever the number of hosts; shards are
+disjoint and cover the stream.
+
+The iterator (`iter(make_dataset(...))`) is a grain DatasetIterator: `get_state()` / `set_state()` give a small
+JSON-able dict; `checkpoint_save_args` / `checkpoint_restore_args` wrap it for an orbax CheckpointManager.
+"""
+from __future__ import annotations
+
+import functools
+
+import grain
+import numpy as np
+
+from var_jax.data.transforms import preprocess, to_model_range
+
+
+def _transform_example(example: dict, rng: np.random.Generator | None, *, image_size: int, train: bool,
+                       hflip: bool) -> dict:
+    image = preprocess(example["image"], image_size, train=train, rng=rng, hflip=hflip)
+    return {"image": to_model_range(image), "label": np.int32(example["label"])}
+
+
+def _eval_example(example: dict, *, image_size: int) -> dict:
+    return _transform_example(example, None, image_size=image_size, train=False, hflip=False)
+
+
+def resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
+    """(index, count) of this host; defaults to jax.process_index() / jax.process_count()."""
+    if shard_index is None or shard_count is None:
+        import jax
+        shard_index = jax.process_index() if shard_index is None else shard_index
+        shard_count = jax.process_count() if shard_count is None else shard_count
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} is outside [0, shard_count={shard_count})")
+    return int(shard_index), int(shard_count)
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+    return num_examples // global_batch_size
+
+
+def make_dataset(source, *, image_size: int, global_batch_size: int, seed: int, train: bool = True,
+                 shard_index: int | None = None, shard_count: int | None = None, num_epochs: int | None = None,
+                 worker_count: int = 0, hflip: bool = False, drop_remainder: bool = True, num_threads: int = 16,
+                 prefetch_buffer_size: int = 500) -> grain.IterDataset:
+    """Batches {'image': float32 (B, R, R, 3) in [-1, 1], 'label': int32 (B,)} for this host, B = global / hosts.
+
+    train: seeded shuffle, random crops (and flips with `hflip`); otherwise source order and centre crops.
+    num_epochs: None repeats forever. drop_remainder: the stream is cut to whole global batches, so every host
+    yields the same number of batches (needed with several hosts). worker_count > 0 decodes in that many grain
+    worker processes; num_threads / prefetch_buffer_size are grain's in-process read options.
+    """
+    shard_index, shard_count = resolve_shard(shard_index, shard_count)
+    if len(source) == 0:
+        raise ValueError("data source is empty")
+    if global_batch_size <= 0 or global_batch_size % shard_count:
+        raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of the number of "
+                         f"hosts ({shard_count})")
+    if num_epochs is not None and num_epochs <= 0:
+        raise ValueError(f"num_epochs must be positive or None, got {num_epochs}")
+    if drop_remainder and num_epochs is not None and len(source) * num_epochs < global_batch_size:
+        raise ValueError(f"{len(source)} examples × {num_epochs} epochs do not fill one global batch of "
+                         f"{global_batch_size}")
+
+    dataset = grain.MapDataset.source(source)
+    if train:
+        dataset = dataset.shuffle(seed=seed)
+    dataset = dataset.repeat(num_epochs)   # reseeds the shuffle every epoch
+    if drop_remainder and num_epochs is not None:
+        dataset = dataset[:len(dataset) // global_batch_size * global_batch_size]
+    if train:
+        dataset = dataset.random_map(functools.partial(_transform_example, image_size=image_size, train=True,
+                                                       hflip=hflip), seed=seed)
+    else:
+        dataset = dataset.map(functools.partial(_eval_example, image_size=image_size))
+    dataset = dataset[shard_index::shard_count]
+
+    read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
+    batches = dataset.to_iter_dataset(read_options).batch(global_batch_size // shard_count,
+                                                          drop_remainder=drop_remainder)
+    if worker_count > 0:
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
+    return batches
+
+
+def checkpoint_save_args(iterator):
+    """orbax args that save a grain iterator's position, e.g.
+    `manager.save(step, args=ocp.args.Composite(state=..., data=checkpoint_save_args(it)))`."""
+    return grain.checkpoint.CheckpointSave(iterator)
+
+
+def checkpoint_restore_args(iterator):
+    """orbax args that restore a grain iterator in place (it continues with the next unseen batch)."""
+    return grain.checkpoint.CheckpointRestore(iterator)
+
+
+def global_batch_from_host(local_batch, mesh):
+    """This host's batch (a pytree of numpy arrays) -> global jax.Arrays, leading axis over the mesh's data axes.
+
+    The global batch is the concatenation of every host's local batch in process order."""
+    import jax
+    from var_jax.sharding import batch_sharding, data_parallel_size
+
+    def one(x):
+        x = np.asarray(x)
+        global_size = x.shape[0] * jax.process_count()
+        if global_size % data_parallel_size(mesh):
+            raise ValueError(f"global batch {global_size} (leading axis of shape {x.shape} × "
+                             f"{jax.process_count()} hosts) is not divisible by the {data_parallel_size(mesh)} "
+                             f"data-parallel devices of the mesh")
+        return jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x)
+
+    return jax.tree.map(one, local_batch)
