@@ -1,0 +1,172 @@
+"""The pieces of the VAR transformer: AdaLN self-attention block and the AdaLN head.
+
+Parameters are float32 and carry logical axis names (var_jax/sharding.py); matmuls run in the config's compute
+dtype. Initialisers reproduce the reference `VAR.init_weights` with its training arguments (see VAR_REFERENCE §2):
+trunc-normal(init_std) weights, zero biases, and the per-parameter rescalings applied as factors at creation.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from var_jax.transformer.config import VARConfig
+
+# scale_mul is clamped at ln(100) before exp(): the attention temperature of the L2-normalised q/k never exceeds 100.
+MAX_LOG_SCALE_MUL = math.log(100.0)
+# scale_mul starts at ln(4): a temperature of 4 on cosine similarities.
+INIT_LOG_SCALE_MUL = math.log(4.0)
+# Without L2-normalised q/k the reference uses a softmax scale of 0.25/sqrt(head_dim), not 1/sqrt(head_dim).
+PLAIN_ATTN_SCALE_FACTOR = 0.25
+# F.normalize's eps: |x| is clamped from below before dividing.
+L2_NORM_EPS = 1e-12
+# ada_lin output chunks, in the reference order; the first two are the residual gates.
+ADA_CHUNKS = ("gamma1", "gamma2", "scale1", "scale2", "shift1", "shift2")
+NUM_GATES = 2
+
+
+def compute_dtype(cfg: VARConfig):
+    return jnp.dtype(cfg.compute_dtype)
+
+
+def trunc_normal(std: float, factor=1.0):
+    """trunc_normal(std) times `factor` (a scalar, or an array broadcast against the last axis: per output unit)."""
+    base = jax.nn.initializers.truncated_normal(stddev=std)
+
+    def init(key, shape, dtype=jnp.float32):
+        return (base(key, shape, jnp.float32) * jnp.asarray(factor, jnp.float32)).astype(dtype)
+    return init
+
+
+def linear(cfg: VARConfig, d_in: int, d_out: int, names: tuple[str, str], *, rngs: nnx.Rngs,
+           factor=1.0, use_bias: bool = True) -> nnx.Linear:
+    """A Linear with the reference init (trunc-normal weight × factor, zero bias) and logical axis names."""
+    return nnx.Linear(
+        d_in, d_out, use_bias=use_bias, dtype=compute_dtype(cfg), param_dtype=jnp.float32,
+        kernel_init=nnx.with_partitioning(trunc_normal(cfg.init_std, factor), names),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), names[1:]), rngs=rngs)
+
+
+def adaln_factors(cfg: VARConfig) -> np.ndarray:
+    """Per-output-unit init factor of a 6C modulation: gates × init_adaln_gamma, scales and shifts × init_adaln."""
+    C = cfg.width
+    return np.concatenate([np.full(NUM_GATES * C, cfg.init_adaln_gamma),
+                           np.full((len(ADA_CHUNKS) - NUM_GATES) * C, cfg.init_adaln)]).astype(np.float32)
+
+
+def layer_norm(x, eps: float):
+    """LayerNorm without affine parameters, computed in float32."""
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps)).astype(x.dtype)
+
+
+def l2_normalize(x):
+    x32 = x.astype(jnp.float32)
+    norm = jnp.sqrt(jnp.sum(jnp.square(x32), axis=-1, keepdims=True))
+    return (x32 / jnp.maximum(norm, L2_NORM_EPS)).astype(x.dtype)
+
+
+class SelfAttention(nnx.Module):
+    """Fused-qkv multi-head attention (q and v biases learned, k bias zero), optionally with L2-normalised q/k."""
+
+    def __init__(self, cfg: VARConfig, *, rngs: nnx.Rngs):
+        C, H = cfg.width, cfg.heads
+        self.heads, self.head_dim, self.l2_norm = H, cfg.head_dim, cfg.attn_l2_norm
+        self.dtype, self.impl = compute_dtype(cfg), cfg.attention_impl
+        self.mat_qkv = linear(cfg, C, 3 * C, ("embed", "qkv"), rngs=rngs, use_bias=False)
+        self.q_bias = nnx.Param(jnp.zeros((C,), jnp.float32), sharding_names=("qkv",))
+        self.v_bias = nnx.Param(jnp.zeros((C,), jnp.float32), sharding_names=("qkv",))
+        if cfg.attn_l2_norm:
+            self.scale_mul = nnx.Param(jnp.full((H,), INIT_LOG_SCALE_MUL, jnp.float32), sharding_names=("heads",))
+        self.proj = linear(cfg, C, C, ("heads", "embed"), rngs=rngs, factor=1 / math.sqrt(2 * cfg.depth))
+
+    def qkv(self, h):
+        """(B, l, C) -> q, k, v, each (B, l, H, head_dim); q/k already normalised and temperature-scaled."""
+        B, l, C = h.shape
+        bias = jnp.concatenate([self.q_bias[...], jnp.zeros_like(self.q_bias[...]), self.v_bias[...]])
+        qkv = (self.mat_qkv(h) + bias.astype(self.dtype)).reshape(B, l, 3, self.heads, self.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if self.l2_norm:
+            temperature = jnp.exp(jnp.minimum(self.scale_mul[...], MAX_LOG_SCALE_MUL))
+            q = (l2_normalize(q).astype(jnp.float32) * temperature[:, None]).astype(self.dtype)
+            k = l2_normalize(k)
+        return q, k, v
+
+    def attend(self, q, k, v, mask=None):
+        """Attention of q (B, l, H, hd) over k/v (B, S, H, hd); mask broadcastable to (B, H, l, S), True = keep."""
+        scale = 1.0 if self.l2_norm else PLAIN_ATTN_SCALE_FACTOR / math.sqrt(self.head_dim)
+        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=scale,
+                                           implementation=self.impl)
+        B, l = q.shape[:2]
+        return self.proj(out.reshape(B, l, self.heads * self.head_dim))
+
+
+class FFN(nnx.Module):
+    def __init__(self, cfg: VARConfig, *, rngs: nnx.Rngs):
+        self.fc1 = linear(cfg, cfg.width, cfg.mlp_hidden, ("embed", "mlp"), rngs=rngs)
+        self.fc2 = linear(cfg, cfg.mlp_hidden, cfg.width, ("mlp", "embed"), rngs=rngs,
+                          factor=1 / math.sqrt(2 * cfg.depth))
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
+
+
+class AdaLNSelfAttn(nnx.Module):
+    """x += attn(LN(x)·(1+scale1)+shift1)·gamma1;  x += ffn(LN(x)·(1+scale2)+shift2)·gamma2.
+
+    The modulation comes from the class embedding: a per-block `ada_lin` (SiLU → Linear(C, 6C)), or, with
+    shared AdaLN, the model's shared projection plus this block's learned offset `ada_gss` (6C,)."""
+
+    def __init__(self, cfg: VARConfig, *, rngs: nnx.Rngs):
+        C = cfg.width
+        self.width, self.eps, self.shared_aln = C, cfg.norm_eps, cfg.shared_aln
+        self.attn = SelfAttention(cfg, rngs=rngs)
+        self.ffn = FFN(cfg, rngs=rngs)
+        if cfg.shared_aln:
+            # reference: randn(1,1,6,C)/sqrt(C), then the same gate / scale-shift factors as ada_lin
+            gss = jax.random.normal(rngs.params(), (6 * C,), jnp.float32) / math.sqrt(C) * adaln_factors(cfg)
+            self.ada_gss = nnx.Param(gss, sharding_names=("ada",))
+        else:
+            self.ada_lin = linear(cfg, C, 6 * C, ("embed", "ada"), rngs=rngs, factor=adaln_factors(cfg))
+
+    def modulation(self, block_cond):
+        """block_cond: the class embedding (B, C), or the shared projection (B, 6C) with shared AdaLN.
+        Returns the six (B, 1, C) chunks in ADA_CHUNKS order."""
+        if self.shared_aln:
+            mod = self.ada_gss[...] + block_cond
+        else:
+            mod = self.ada_lin(jax.nn.silu(block_cond))
+        mod = mod.reshape(mod.shape[0], 1, len(ADA_CHUNKS), self.width)
+        return [mod[:, :, i] for i in range(len(ADA_CHUNKS))]
+
+    def __call__(self, x, block_cond, kv_fn, drop_scales=None):
+        """x (B, l, C) -> (x, aux). kv_fn(k, v) -> (keys, values, mask, aux) decides what the queries attend to
+        (the same tokens with the block-causal mask, or a KV cache). drop_scales: optional pair of (B, 1, 1)
+        per-sample drop-path multipliers, one per residual branch."""
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = (m.astype(x.dtype) for m in self.modulation(block_cond))
+        h = layer_norm(x, self.eps) * (1 + scale1) + shift1
+        q, k, v = self.attn.qkv(h)
+        keys, values, mask, aux = kv_fn(k, v)
+        branch = self.attn.attend(q, keys, values, mask) * gamma1
+        x = x + (branch if drop_scales is None else branch * drop_scales[0])
+        h = layer_norm(x, self.eps) * (1 + scale2) + shift2
+        branch = self.ffn(h) * gamma2
+        x = x + (branch if drop_scales is None else branch * drop_scales[1])
+        return x, aux
+
+
+class AdaLNBeforeHead(nnx.Module):
+    """LN(x)·(1+scale)+shift with (scale, shift) = Linear(SiLU(class embedding)), before the output head."""
+
+    def __init__(self, cfg: VARConfig, *, rngs: nnx.Rngs):
+        self.width, self.eps = cfg.width, cfg.norm_eps
+        self.ada_lin = linear(cfg, cfg.width, 2 * cfg.width, ("embed", "ada"), rngs=rngs, factor=cfg.init_adaln)
+
+    def __call__(self, x, cond):
+        mod = self.ada_lin(jax.nn.silu(cond)).reshape(cond.shape[0], 1, 2, self.width).astype(x.dtype)
+        return layer_norm(x, self.eps) * (1 + mod[:, :, 0]) + mod[:, :, 1]

@@ -1,0 +1,156 @@
+"""Hyper-parameters of the VAR transformer (one frozen, hashable dataclass).
+
+`width`, `heads`, `drop_path_rate` and `init_std` may be left unset (None / -1); they are resolved from `depth`
+when the config is built, following the reference shape rule (C = 64·depth, heads = depth, drop-path 0.1·depth/24,
+init std sqrt(1/(3C))). Use `preset(depth)` (or build a new config) to change the depth: `dataclasses.replace`
+keeps the already-resolved width and heads.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+# Token-map side lengths of the released models (256 px and 512 px images, downsample 16).
+PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+
+# init_adaln_gamma of the README training recipes (alng), by depth; other depths keep the 1e-5 default.
+RECIPE_INIT_ADALN_GAMMA = {16: 1e-3, 20: 1e-3, 24: 1e-4, 30: 1e-5, 36: 5e-6}
+
+REMAT_MODES = ("none", "block")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+ATTENTION_IMPLS = ("xla", "cudnn")
+
+
+@dataclass(frozen=True)
+class VARConfig:
+    depth: int = 16
+    width: int | None = None            # -> 64·depth
+    heads: int | None = None            # -> depth
+    num_classes: int = 1000             # class index num_classes is the unconditional ("null") class
+    vocab_size: int = 4096
+    z_channels: int = 32                # Cvae: tokenizer latent channels
+    patch_nums: tuple[int, ...] = PATCH_NUMS_256
+    mlp_ratio: float = 4.0
+    shared_aln: bool = False
+    attn_l2_norm: bool = True
+    drop_path_rate: float | None = None  # -> 0.1·depth/24
+    cond_drop_rate: float = 0.1
+    norm_eps: float = 1e-6
+    init_adaln: float = 0.5
+    init_adaln_gamma: float = 1e-5
+    init_head: float = 0.02
+    init_std: float = -1.0              # < 0 -> sqrt(1/(3·width))
+    remat: str = "none"                 # "block": rematerialise each scanned block in the backward pass
+    compute_dtype: str = "float32"      # parameters stay float32; activations use this dtype
+    attention_impl: str = "xla"         # jax.nn.dot_product_attention backend; "cudnn" needs a GPU and bf16
+
+    def __post_init__(self):
+        resolve = lambda name, value: object.__setattr__(self, name, value)
+        resolve("patch_nums", tuple(int(p) for p in self.patch_nums))
+        if self.width is None:
+            resolve("width", 64 * self.depth)
+        if self.heads is None:
+            resolve("heads", self.depth)
+        if self.drop_path_rate is None:
+            resolve("drop_path_rate", 0.1 * self.depth / 24)
+        if self.init_std < 0:
+            resolve("init_std", math.sqrt(1.0 / (3 * self.width)))
+        self.validate()
+
+    # ---- resolved shapes -------------------------------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.width // self.heads
+
+    @property
+    def mlp_hidden(self) -> int:
+        return round(self.width * self.mlp_ratio)
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.patch_nums)
+
+    @property
+    def seq_len(self) -> int:
+        """L = Σ pn²: every token of every scale."""
+        return sum(p * p for p in self.patch_nums)
+
+    @property
+    def first_l(self) -> int:
+        return self.patch_nums[0] ** 2
+
+    @property
+    def scale_ids(self) -> tuple[int, ...]:
+        """Scale index of every position of the L-long sequence."""
+        return tuple(si for si, p in enumerate(self.patch_nums) for _ in range(p * p))
+
+    @property
+    def scale_begin_ends(self) -> tuple[tuple[int, int], ...]:
+        """[begin, end) of each scale in the sequence."""
+        out, cur = [], 0
+        for p in self.patch_nums:
+            out.append((cur, cur + p * p))
+            cur += p * p
+        return tuple(out)
+
+    def prefix_len(self, num_scales: int) -> int:
+        """Length of the sequence made of the first `num_scales` scales."""
+        if not 1 <= num_scales <= self.num_scales:
+            raise ValueError(f"num_scales must be in [1, {self.num_scales}], got {num_scales}")
+        return self.scale_begin_ends[num_scales - 1][1]
+
+    # ---- checks and (de)serialisation ------------------------------------------------------------------------
+    def validate(self) -> "VARConfig":
+        def need(ok, field, why):
+            if not ok:
+                raise ValueError(f"VARConfig.{field}: {why} (got {getattr(self, field)!r})")
+        need(isinstance(self.depth, int) and self.depth >= 1, "depth", "must be a positive int")
+        need(isinstance(self.width, int) and self.width >= 1, "width", "must be a positive int")
+        need(isinstance(self.heads, int) and self.heads >= 1, "heads", "must be a positive int")
+        need(self.width % self.heads == 0, "width", f"must be divisible by heads={self.heads}")
+        need(self.num_classes >= 1, "num_classes", "must be >= 1")
+        need(self.vocab_size >= 1, "vocab_size", "must be >= 1")
+        need(self.z_channels >= 1, "z_channels", "must be >= 1")
+        need(len(self.patch_nums) >= 1 and all(p >= 1 for p in self.patch_nums), "patch_nums",
+             "must be a non-empty sequence of positive ints")
+        need(all(a < b for a, b in zip(self.patch_nums, self.patch_nums[1:])), "patch_nums",
+             "must be strictly increasing")
+        need(self.mlp_ratio > 0 and round(self.width * self.mlp_ratio) >= 1, "mlp_ratio", "must be > 0")
+        need(0.0 <= self.drop_path_rate < 1.0, "drop_path_rate", "must be in [0, 1)")
+        need(0.0 <= self.cond_drop_rate < 1.0, "cond_drop_rate", "must be in [0, 1)")
+        need(self.norm_eps > 0, "norm_eps", "must be > 0")
+        need(self.init_std > 0, "init_std", "must be > 0 once resolved")
+        need(self.remat in REMAT_MODES, "remat", f"must be one of {REMAT_MODES}")
+        need(self.compute_dtype in COMPUTE_DTYPES, "compute_dtype", f"must be one of {COMPUTE_DTYPES}")
+        need(self.attention_impl in ATTENTION_IMPLS, "attention_impl", f"must be one of {ATTENTION_IMPLS}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["patch_nums"] = list(self.patch_nums)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "VARConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"VARConfig: unknown field(s) {unknown}")
+        return cls(**d)
+
+
+def preset(depth: int, **overrides) -> VARConfig:
+    """The reference model family: C = 64·depth, heads = depth, drop-path 0.1·depth/24, and the README's
+    init_adaln_gamma for the released depths. depth 36 is the released 512 px model (shared AdaLN)."""
+    if not 6 <= depth <= 36:
+        raise ValueError(f"preset: depth must be in [6, 36] (the reference model family), got {depth}")
+    kwargs: dict[str, Any] = {"depth": depth}
+    if depth in RECIPE_INIT_ADALN_GAMMA:
+        kwargs["init_adaln_gamma"] = RECIPE_INIT_ADALN_GAMMA[depth]
+    if depth == 36:
+        kwargs.update(shared_aln=True, patch_nums=PATCH_NUMS_512)
+    kwargs.update(overrides)
+    return VARConfig(**kwargs)

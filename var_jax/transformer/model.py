@@ -1,0 +1,196 @@
+"""VAR: the class-conditional next-scale-prediction transformer (VAR_REFERENCE §2).
+
+The `depth` blocks are stored stacked (leading `layers` axis) and run with one `jax.lax.scan` over the split
+block state: one compiled block whatever the depth. Two ways through the blocks share that code:
+- `__call__`: teacher forcing over the whole (or a prefix of the) sequence with the block-causal mask;
+- `forward_cached`: one scale at a time against a KV cache, for sampling (the pieces the sampler composes are
+  `cond_embedding`, `first_scale_input`, `scale_input`, `init_cache`, `forward_cached`).
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from var_jax.transformer.blocks import AdaLNBeforeHead, AdaLNSelfAttn, compute_dtype, linear, trunc_normal
+from var_jax.transformer.config import VARConfig
+
+
+def block_causal_mask(scale_ids) -> np.ndarray:
+    """(L, L) bool: a query of scale a sees a key of scale b iff b <= a. Built at trace time, never stored."""
+    ids = np.asarray(scale_ids)
+    return ids[None, :] <= ids[:, None]
+
+
+class VAR(nnx.Module):
+    def __init__(self, cfg: VARConfig, *, rngs: nnx.Rngs):
+        cfg.validate()
+        self.cfg = cfg
+        C, L = cfg.width, cfg.seq_len
+        self.word_embed = linear(cfg, cfg.z_channels, C, ("cvae", "embed"), rngs=rngs)
+        # class index num_classes is the unconditional class (class dropout, CFG)
+        self.class_emb = nnx.Embed(cfg.num_classes + 1, C, dtype=jnp.float32, rngs=rngs, embedding_init=
+                                   nnx.with_partitioning(trunc_normal(cfg.init_std), ("classes", "embed")))
+        # the reference draws the position embeddings with sqrt(1/(3C)) whatever init_std is
+        pos_std = math.sqrt(1.0 / (3 * C))
+        self.pos_start = nnx.Param(trunc_normal(pos_std)(rngs.params(), (1, cfg.first_l, C)),
+                                   sharding_names=(None, "seq", "embed"))
+        self.pos_1LC = nnx.Param(trunc_normal(pos_std)(rngs.params(), (1, L, C)), sharding_names=(None, "seq", "embed"))
+        # one embedding per scale ("level"), added to every token of that scale; the scale axis is seq-like
+        self.lvl_embed = nnx.Embed(cfg.num_scales, C, dtype=jnp.float32, rngs=rngs, embedding_init=
+                                   nnx.with_partitioning(trunc_normal(cfg.init_std), ("seq", "embed")))
+        if cfg.shared_aln:
+            self.shared_ada_lin = linear(cfg, C, 6 * C, ("embed", "ada"), rngs=rngs)
+        self.blocks = _stacked_blocks(cfg, rngs)
+        self.head_nm = AdaLNBeforeHead(cfg, rngs=rngs)
+        self.head = linear(cfg, C, cfg.vocab_size, ("embed", "vocab"), rngs=rngs,
+                           factor=cfg.init_head if cfg.init_head >= 0 else 1.0)
+
+    # ---- embeddings ------------------------------------------------------------------------------------------
+    def cond_embedding(self, labels):
+        """labels (B,) int (num_classes = unconditional) -> class embedding (B, C) float32."""
+        return self.class_emb(jnp.asarray(labels, jnp.int32))
+
+    def _level_position(self, begin: int, end: int):
+        """lvl_embed(scale id) + pos_1LC for sequence positions [begin, end): (1, end-begin, C)."""
+        ids = np.asarray(self.cfg.scale_ids[begin:end], np.int32)
+        return self.lvl_embed(jnp.asarray(ids))[None] + self.pos_1LC[:, begin:end]
+
+    def first_scale_input(self, cond):
+        """Class embedding + pos_start + level/position of scale 0: (B, first_l, C)."""
+        first_l = self.cfg.first_l
+        return cond[:, None, :] + self.pos_start[...] + self._level_position(0, first_l)
+
+    def scale_input(self, si: int, x_in):
+        """Tokenizer features of scale si's input block (B, pn_si², Cvae) -> (B, pn_si², C); si is a static int."""
+        if not 1 <= si < self.cfg.num_scales:
+            raise ValueError(f"scale_input: si must be in [1, {self.cfg.num_scales - 1}] (scale 0 is "
+                             f"first_scale_input), got {si}")
+        begin, end = self.cfg.scale_begin_ends[si]
+        if x_in.ndim != 3 or x_in.shape[1:] != (end - begin, self.cfg.z_channels):
+            raise ValueError(f"scale_input: x_in must be (B, {end - begin}, {self.cfg.z_channels}) for scale {si}, "
+                             f"got {tuple(x_in.shape)}")
+        return self.word_embed(x_in.astype(jnp.float32)).astype(jnp.float32) + self._level_position(begin, end)
+
+    def _block_cond(self, cond):
+        """What each block's AdaLN reads: the class embedding, or the shared 6C projection of it."""
+        if self.cfg.shared_aln:
+            return self.shared_ada_lin(jax.nn.silu(cond))
+        return cond
+
+    def logits(self, x, cond):
+        """AdaLN head + output projection: (B, l, C) -> (B, l, V) float32."""
+        return self.head(self.head_nm(x, cond.astype(x.dtype))).astype(jnp.float32)
+
+    # ---- the blocks ------------------------------------------------------------------------------------------
+    def _run_blocks(self, x, cond, make_kv_fn, cache=None, dropout_key=None):
+        """Scan x through the stacked blocks. make_kv_fn(layer_cache) -> kv_fn for AdaLNSelfAttn; per-layer
+        caches go in and come out stacked. dropout_key enables drop-path (rates linear over depth)."""
+        cfg = self.cfg
+        graphdef, block_state = nnx.split(self.blocks)
+        block_cond = self._block_cond(cond).astype(x.dtype)
+        rates = np.linspace(0.0, cfg.drop_path_rate, cfg.depth).astype(np.float32)
+        use_drop = dropout_key is not None and cfg.drop_path_rate > 0
+        keys = jax.random.split(dropout_key, cfg.depth) if use_drop else None
+
+        def body(x, layer):
+            state, layer_cache, rate, key = layer
+            block = nnx.merge(graphdef, state)
+            drop_scales = None
+            if key is not None:
+                keep = 1.0 - rate
+                masks = jax.random.bernoulli(key, keep, (2, x.shape[0], 1, 1))
+                drop_scales = (masks / keep).astype(x.dtype)  # stochastic depth, rescaled by 1/keep
+            return block(x, block_cond, make_kv_fn(layer_cache), drop_scales)
+
+        if cfg.remat == "block":
+            body = jax.checkpoint(body, prevent_cse=False)
+        return jax.lax.scan(body, x, (block_state, cache, jnp.asarray(rates), keys))
+
+    def __call__(self, labels, teacher_input, *, cond_drop_key=None, deterministic=True, dropout_key=None,
+                 num_scales=None):
+        """Teacher forcing. labels (B,), teacher_input (B, L-first_l, Cvae) (or already cut to the first
+        num_scales scales) -> logits (B, L', V) float32, L' the length of the first num_scales scales.
+        Class dropout (cfg.cond_drop_rate) needs cond_drop_key and deterministic=False; drop-path needs
+        dropout_key and deterministic=False."""
+        cfg = self.cfg
+        end = cfg.prefix_len(cfg.num_scales if num_scales is None else num_scales)
+        labels = jnp.asarray(labels)
+        if labels.ndim != 1:
+            raise ValueError(f"labels must be (B,), got shape {tuple(labels.shape)}")
+        B, n_in = labels.shape[0], end - cfg.first_l
+        if (teacher_input.ndim != 3 or teacher_input.shape[0] != B or teacher_input.shape[2] != cfg.z_channels
+                or teacher_input.shape[1] not in (n_in, cfg.seq_len - cfg.first_l)):
+            raise ValueError(f"teacher_input must be ({B}, {cfg.seq_len - cfg.first_l} or {n_in}, "
+                             f"{cfg.z_channels}), got {tuple(teacher_input.shape)}")
+        if cond_drop_key is not None and not deterministic and cfg.cond_drop_rate > 0:
+            dropped = jax.random.uniform(cond_drop_key, (B,)) < cfg.cond_drop_rate
+            labels = jnp.where(dropped, cfg.num_classes, labels)
+        cond = self.cond_embedding(labels)
+        words = self.word_embed(teacher_input[:, :n_in].astype(jnp.float32)).astype(jnp.float32)
+        x = jnp.concatenate([self.first_scale_input(cond), words + self._level_position(cfg.first_l, end)], axis=1)
+        x = x.astype(compute_dtype(cfg))
+
+        mask = jnp.asarray(block_causal_mask(cfg.scale_ids[:end]))[None, None]
+        make_kv_fn = lambda _: (lambda k, v: (k, v, mask, None))
+        x, _ = self._run_blocks(x, cond, make_kv_fn, dropout_key=None if deterministic else dropout_key)
+        return self.logits(x, cond)
+
+    # ---- KV-cached inference ---------------------------------------------------------------------------------
+    def init_cache(self, batch: int, dtype=None):
+        """Zeroed KV cache for the whole sequence: {'k', 'v'}, each (layers, B, L, H, head_dim)."""
+        cfg = self.cfg
+        shape = (cfg.depth, batch, cfg.seq_len, cfg.heads, cfg.head_dim)
+        dtype = compute_dtype(cfg) if dtype is None else dtype
+        return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+    def forward_cached(self, x, cond, cache, start, kv_len=None):
+        """Run the block input x (B, l, C) of the sequence positions [start, start+l) against the KV cache.
+
+        Writes this block's keys/values into the cache and attends to cache positions [0, start+l) with no mask.
+        `start` a Python int: the cache is sliced statically to exactly start+l (exact work). `start` traced:
+        attention runs over a static `kv_len` (default L) positions with a mask of positions < start+l.
+        cond is the class embedding (B, C). Returns (logits (B, l, V) float32, updated cache)."""
+        cfg = self.cfg
+        l = x.shape[1]
+        if x.ndim != 3 or x.shape[2] != cfg.width:
+            raise ValueError(f"forward_cached: x must be (B, l, {cfg.width}), got {tuple(x.shape)}")
+        static = isinstance(start, (int, np.integer))
+        if static:
+            stop = int(start) + l
+            if start < 0 or stop > cfg.seq_len:
+                raise ValueError(f"forward_cached: positions [{start}, {stop}) outside [0, {cfg.seq_len})")
+            mask = None
+        else:
+            kv_len = cfg.seq_len if kv_len is None else int(kv_len)
+            if not l <= kv_len <= cfg.seq_len:
+                raise ValueError(f"forward_cached: kv_len must be in [{l}, {cfg.seq_len}], got {kv_len}")
+            stop = kv_len
+            mask = (jnp.arange(kv_len) < start + l)[None, None, None, :]
+        start_index = jnp.asarray(start, jnp.int32)
+
+        def make_kv_fn(layer_cache):
+            def kv_fn(k, v):
+                index = (0, start_index, 0, 0)
+                new_k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), index)
+                new_v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), index)
+                return new_k[:, :stop], new_v[:, :stop], mask, {"k": new_k, "v": new_v}
+            return kv_fn
+
+        x, cache = self._run_blocks(x.astype(compute_dtype(cfg)), cond, make_kv_fn, cache=cache)
+        return self.logits(x, cond), cache
+
+    def num_params(self) -> int:
+        return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(self, nnx.Param)))
+
+
+def _stacked_blocks(cfg: VARConfig, rngs: nnx.Rngs) -> AdaLNSelfAttn:
+    """`depth` blocks with independent initial weights, stacked on a leading `layers` axis."""
+    @nnx.split_rngs(splits=cfg.depth)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def create(rngs):
+        return AdaLNSelfAttn(cfg, rngs=rngs)
+    return create(rngs)
