@@ -1,0 +1,116 @@
+"""The train state pytree and where its leaves live on the mesh.
+
+`TrainState` holds only arrays (params and optimizer state as plain nested dicts), so it can be printed,
+saved by orbax and resharded. The module structure (nnx graphdef) and the non-trainable variables (buffers)
+are kept beside it in `ModelParts`: they are rebuilt from the config, never checkpointed.
+
+The abstract state (shapes, dtypes, shardings; no memory) is computed once by `abstract_train_state` and used
+for the jitted init (`out_shardings`: big models are born sharded), for the step's in/out shardings and as
+the restore target of checkpoints, so restoring onto another mesh is the same code path as starting.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from var_jax.sharding import replicated, state_shardings
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array          # int32 scalar: number of updates done
+    params: Any              # nested dict of float32 arrays (the nnx.Param leaves)
+    opt_state: Any           # optax state; its param-shaped subtrees mirror `params`
+    rng: jax.Array           # uint32[2] base key; per-step keys are fold_in(rng, step), so resume is exact
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelParts:
+    """What `nnx.merge(graphdef, params, rest)` needs beside the params."""
+    graphdef: Any
+    rest: Any                # pure dict of the non-Param variables (buffers), concrete arrays
+    param_vars: Any          # abstract nnx.State of the Params, with their logical-axis metadata
+
+    def merge(self, params):
+        return nnx.merge(self.graphdef, params, self.rest)
+
+
+def _pure(state) -> Any:
+    return nnx.to_pure_dict(state) if isinstance(state, nnx.State) else state
+
+
+def split_model(model: nnx.Module):
+    """(graphdef, Param state with metadata, pure dict of every other variable)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, params, _pure(rest)
+
+
+def model_parts(model_fn: Callable[[nnx.Rngs], nnx.Module]) -> ModelParts:
+    """Structure and buffers of the model, without allocating its params (buffers are built concretely,
+    they are small and deterministic)."""
+    abstract = nnx.eval_shape(lambda: model_fn(nnx.Rngs(0)))
+    graphdef, param_vars, _ = split_model(abstract)
+    # Buffers must be real arrays: build them outside eval_shape from a model on the CPU-sized default device
+    # only when there are any (the abstract rest tells).
+    _, _, abstract_rest = nnx.split(abstract, nnx.Param, ...)
+    rest = {}
+    if jax.tree.leaves(_pure(abstract_rest)):
+        rest = jax.jit(lambda: _pure(nnx.split(model_fn(nnx.Rngs(0)), nnx.Param, ...)[2]))()
+    return ModelParts(graphdef=graphdef, rest=rest, param_vars=param_vars)
+
+
+def mirror_shardings(tree, params_like, param_shardings, fallback: NamedSharding):
+    """Shardings for an optimizer state: every subtree with the structure of the params takes the params'
+    shardings (Adam's mu and nu), everything else (counts, injected hyper-parameters) is replicated."""
+    params_def = jax.tree.structure(params_like)
+
+    def is_param_tree(x):
+        try:
+            return jax.tree.structure(x) == params_def
+        except Exception:
+            return False
+    return jax.tree.map(lambda x: param_shardings if is_param_tree(x) else fallback, tree, is_leaf=is_param_tree)
+
+
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+    """The abstract train state and its shardings, computed once per (model, optimizer, mesh)."""
+    abstract: TrainState     # jax.ShapeDtypeStruct leaves, each carrying its sharding
+    shardings: TrainState    # NamedSharding leaves
+
+
+def abstract_train_state(parts: ModelParts, tx: optax.GradientTransformation, mesh: Mesh) -> StateLayout:
+    param_shardings = _pure(state_shardings(parts.param_vars, mesh))
+    abstract_params = _pure(parts.param_vars)
+    abstract_opt = jax.eval_shape(tx.init, abstract_params)
+    rep = replicated(mesh)
+    shardings = TrainState(step=rep, params=param_shardings,
+                           opt_state=mirror_shardings(abstract_opt, abstract_params, param_shardings, rep), rng=rep)
+    shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt,
+                        rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+    abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    return StateLayout(abstract=abstract, shardings=shardings)
+
+
+def init_train_state(model_fn: Callable[[nnx.Rngs], nnx.Module], tx: optax.GradientTransformation,
+                     layout: StateLayout, mesh: Mesh, seed: int) -> TrainState:
+    """Initialise params and optimizer state directly into their shardings (one jitted call)."""
+    def init(key):
+        param_key, step_key = jax.random.split(key)
+        _, params, _ = split_model(model_fn(nnx.Rngs(param_key)))
+        params = _pure(params)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=step_key)
+
+    with jax.set_mesh(mesh):
+        return jax.jit(init, out_shardings=layout.shardings)(jax.random.PRNGKey(seed))
+
+
+def param_count(params) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(params))

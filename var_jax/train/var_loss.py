@@ -1,0 +1,63 @@
+"""VAR training loss and the metrics the reference reports.
+
+Loss: token cross-entropy (float32, optional label smoothing) weighted per token and summed over the
+sequence, then averaged over the batch. With uniform weights 1/L this is the reference's mean over all tokens.
+Metrics: Lm / Lt (cross-entropy without smoothing over all tokens / the last scale) and Accm / Acct (top-1
+token accuracy in %, all tokens / last scale).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+
+def scale_slices(patch_nums: Sequence[int]) -> list[tuple[int, int]]:
+    """[begin, end) token range of every scale in the flattened sequence."""
+    out, cur = [], 0
+    for pn in patch_nums:
+        out.append((cur, cur + pn * pn))
+        cur += pn * pn
+    return out
+
+
+def token_weights(patch_nums: Sequence[int], scale_weights: Sequence[float] | None = None) -> np.ndarray:
+    """(L,) per-token loss weights summing to 1: scale s gets weight w_s shared by its pn_s² tokens.
+
+    None = uniform 1/L (the reference)."""
+    sizes = np.array([pn * pn for pn in patch_nums], np.float64)
+    w = np.ones(len(patch_nums)) if scale_weights is None or len(scale_weights) == 0 else np.asarray(scale_weights, np.float64)
+    if w.shape != sizes.shape:
+        raise ValueError(f"loss.scale_weights: needs one weight per scale ({len(patch_nums)}), got {len(w)}")
+    if np.any(w < 0) or not np.any(w > 0):
+        raise ValueError(f"loss.scale_weights: must be non-negative with one positive, got {list(w)}")
+    per_token = np.repeat(w, sizes.astype(int))
+    return (per_token / per_token.sum()).astype(np.float32)
+
+
+def token_cross_entropy(logits, targets, label_smoothing: float = 0.0):
+    """(B, L) cross-entropy in float32; label smoothing spreads `label_smoothing` uniformly over the V classes
+    (PyTorch's `CrossEntropyLoss(label_smoothing=...)` convention)."""
+    logits = logits.astype(jnp.float32)
+    if label_smoothing == 0.0:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    one_hot = jax.nn.one_hot(targets, logits.shape[-1], dtype=jnp.float32)
+    return optax.softmax_cross_entropy(logits, optax.smooth_labels(one_hot, label_smoothing))
+
+
+def weighted_loss(per_token, weights):
+    """Σ_l w_l·ce_l per image, mean over the batch."""
+    return jnp.mean(jnp.sum(per_token * weights[None, :], axis=-1))
+
+
+def var_metrics(logits, targets, last_len: int) -> dict:
+    """Lm, Lt, Accm, Acct as the reference logs them (no label smoothing, accuracies in %)."""
+    ce = token_cross_entropy(logits, targets)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return {
+        "Lm": jnp.mean(ce), "Lt": jnp.mean(ce[:, -last_len:]),
+        "Accm": 100.0 * jnp.mean(correct), "Acct": 100.0 * jnp.mean(correct[:, -last_len:]),
+    }

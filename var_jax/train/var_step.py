@@ -1,0 +1,90 @@
+"""The VAR train step: one pure function (state, batch, frozen) -> (state, metrics).
+
+With on-the-fly tokenisation (`tokenize=make_tokenizer_fn(...)`) the batch is {'image' (B,H,W,3) in [-1,1],
+'label' (B,)} and `frozen` is the tokenizer's parameters: the frozen tokenizer runs inside the step in float32
+(images -> f -> per-scale tokens -> teacher-forcing input), without gradients. Without it (`tokenize=None`) the
+batch carries pre-computed {'tokens' (B,L) int, 'teacher_input' (B,L-1,Cvae), 'label'} and `frozen` is
+ignored (benchmarks, pre-tokenised datasets).
+
+An optional batch entry 'loss_ramp' (float32 scalar) scales the newest scale's loss weight in progressive
+training (see progressive.py); `prog_si` (static) truncates the sequence to the first prog_si+1 scales.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from var_jax.train import var_loss
+from var_jax.train.optimizer import current_hyperparams
+from var_jax.train.progressive import truncated_weights
+from var_jax.train.state import ModelParts, TrainState
+
+
+@dataclasses.dataclass(frozen=True)
+class VarStepConfig:
+    patch_nums: tuple[int, ...]
+    label_smoothing: float = 0.0
+    scale_weights: tuple[float, ...] | None = None   # None = uniform over tokens (the reference)
+    prog_si: int | None = None                       # None = all scales
+
+    @property
+    def num_scales(self) -> int:
+        return len(self.patch_nums) if self.prog_si is None else self.prog_si + 1
+
+
+def make_tokenizer_fn(tokenizer_graphdef, tokenizer_cfg) -> Callable:
+    """(tokenizer params, images) -> (tokens (B, L) int32, teacher input (B, L-1, Cvae) float32), no gradient."""
+    from var_jax.tokenizer import quantizer
+
+    def tokenize(tokenizer_state, images):
+        tokenizer = nnx.merge(tokenizer_graphdef, tokenizer_state)
+        images = images.astype(jnp.float32)
+        f = tokenizer.encode(images)
+        qparams = tokenizer.quantizer_params()
+        tokens = quantizer.f_to_tokens(qparams, f, tokenizer_cfg)[0]
+        teacher = quantizer.teacher_forcing_input(qparams, tokens, tokenizer_cfg)
+        tokens = jnp.concatenate([t.reshape(t.shape[0], -1) for t in tokens], axis=1).astype(jnp.int32)
+        return jax.lax.stop_gradient(tokens), jax.lax.stop_gradient(teacher.astype(jnp.float32))
+    return tokenize
+
+
+def make_var_train_step(parts: ModelParts, tx: optax.GradientTransformation, step_cfg: VarStepConfig,
+                        tokenize: Callable | None = None) -> Callable[[TrainState, Any, Any], tuple[TrainState, dict]]:
+    slices = var_loss.scale_slices(step_cfg.patch_nums)
+    full_weights = var_loss.token_weights(step_cfg.patch_nums, step_cfg.scale_weights)
+    num_scales = step_cfg.num_scales
+    seq_len = slices[num_scales - 1][1]
+    last_begin, last_end = slices[num_scales - 1]
+
+    def train_step(state: TrainState, batch, frozen):
+        if tokenize is not None:
+            tokens, teacher = tokenize(frozen, batch["image"])
+        else:
+            tokens, teacher = batch["tokens"], batch["teacher_input"]
+        tokens, teacher = tokens[:, :seq_len], teacher[:, :seq_len - step_cfg.patch_nums[0] ** 2]
+        labels = batch["label"]
+        ramp = batch.get("loss_ramp", jnp.float32(1.0))
+        weights = truncated_weights(full_weights, slices, num_scales - 1, ramp)
+        # Per-step randomness from (base key, step): a resumed run draws exactly the same keys.
+        cond_key, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
+
+        def loss_fn(params):
+            model = parts.merge(params)
+            logits = model(labels, teacher, cond_drop_key=cond_key, deterministic=False,
+                           dropout_key=dropout_key, num_scales=num_scales)
+            per_token = var_loss.token_cross_entropy(logits, tokens, step_cfg.label_smoothing)
+            return var_loss.weighted_loss(per_token, weights), logits
+
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics = var_loss.var_metrics(logits, tokens, last_end - last_begin)
+        metrics.update(loss=loss, grad_norm=optax.global_norm(grads), **current_hyperparams(opt_state))
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return train_step
