@@ -1,0 +1,33 @@
+"""Tile a batch of images into one PNG."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+
+def to_uint8(images01) -> np.ndarray:
+    """[0, 1] floats -> uint8, rounding to nearest (the ADM evaluator's layout is uint8 NHWC)."""
+    return np.clip(np.rint(np.asarray(images01, np.float32) * 255.0), 0, 255).astype(np.uint8)
+
+
+def image_grid(images: np.ndarray, columns: int | None = None, padding: int = 2, pad_value: int = 255) -> np.ndarray:
+    """uint8 NHWC (N images) -> one uint8 HWC image, `columns` per row (default ≈ sqrt(N))."""
+    images = np.asarray(images)
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(f"image_grid expects uint8 NHWC images, got {images.dtype} {images.shape}")
+    n, h, w, c = images.shape
+    columns = columns or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / columns)
+    grid = np.full((rows * (h + padding) + padding, columns * (w + padding) + padding, c), pad_value, np.uint8)
+    for i, image in enumerate(images):
+        y = padding + (i // columns) * (h + padding)
+        x = padding + (i % columns) * (w + padding)
+        grid[y:y + h, x:x + w] = image
+    return grid
+
+
+def save_grid(path, images: np.ndarray, columns: int | None = None) -> None:
+    from PIL import Image
+    grid = image_grid(images, columns)
+    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
