@@ -1,0 +1,128 @@
+"""The tokenizer train state: generator (VQVAE) + optional discriminator params, their two optimizers (one
+`optax.multi_transform`), and the per-scale code-usage EMA; its sharded layout, init and warm start.
+
+Builds on var_jax.train.state: the modules are held in one container so that `ModelParts`,
+`abstract_train_state` and `init_train_state` serve as they are; the usage EMA (replicated) is added on top.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from var_jax.sharding import replicated
+from var_jax.tokenizer.config import TokenizerConfig
+from var_jax.tokenizer.training.discriminator import PatchDiscriminator
+from var_jax.tokenizer.vqvae import VQVAE
+from var_jax.train.optimizer import decay_mask, make_optimizer
+from var_jax.train.state import ModelParts, StateLayout, abstract_train_state, init_train_state, split_model
+
+
+@dataclasses.dataclass(frozen=True)
+class DiscriminatorConfig:
+    base_channels: int = 64
+    num_layers: int = 3
+
+
+class TokenizerTrainModules(nnx.Module):
+    """What the tokenizer stage trains: `generator` (the VQVAE) and, with the GAN on, `discriminator`."""
+
+    def __init__(self, tokenizer_cfg: TokenizerConfig, disc_cfg: DiscriminatorConfig | None, *, rngs: nnx.Rngs):
+        self.generator = VQVAE(tokenizer_cfg, rngs=rngs)
+        if disc_cfg is not None:
+            self.discriminator = PatchDiscriminator(3, disc_cfg.base_channels, disc_cfg.num_layers, rngs=rngs)
+
+
+@flax.struct.dataclass
+class TokenizerTrainState:
+    step: jax.Array          # int32 scalar: updates done
+    params: Any              # {'generator': ..., 'discriminator': ...} pure dicts of float32 arrays
+    opt_state: Any           # optax.multi_transform state: one optimizer per key of params
+    rng: jax.Array           # base key; per-step keys are fold_in(rng, step)
+    usage_ema: jax.Array     # (num_scales, V) float32 code-hit EMA (quantizer.update_usage_ema)
+    usage_updates: jax.Array # int32 scalar: EMA updates done
+
+
+def get_path(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def replace_path(tree, path, value):
+    """A copy of nested dict `tree` with the leaf at `path` replaced (the rest shared, not copied)."""
+    if not path:
+        return value
+    return {**tree, path[0]: replace_path(tree[path[0]], path[1:], value)}
+
+
+def make_tokenizer_optimizer(parts: ModelParts, optim_cfg, disc_optim_cfg, *, batch_size: int,
+                             total_steps: int) -> optax.GradientTransformation:
+    """The generator's and the discriminator's optimizers (the VAR recipe's optax chain, each with its own
+    config), combined by param key."""
+    param_vars = parts.param_vars
+    txs = {"generator": make_optimizer(optim_cfg, batch_size=batch_size, total_steps=total_steps,
+                                       mask=decay_mask(param_vars["generator"]))}
+    if "discriminator" in param_vars:
+        txs["discriminator"] = make_optimizer(disc_optim_cfg, batch_size=batch_size, total_steps=total_steps,
+                                              mask=decay_mask(param_vars["discriminator"]))
+    return optax.multi_transform(txs, {name: name for name in txs})
+
+
+def tokenizer_state_layout(parts: ModelParts, tx, mesh: Mesh, tokenizer_cfg: TokenizerConfig) -> StateLayout:
+    base = abstract_train_state(parts, tx, mesh)
+    rep = replicated(mesh)
+    usage_shape = (tokenizer_cfg.num_scales, tokenizer_cfg.vocab_size)
+    extra_abstract = dict(usage_ema=jax.ShapeDtypeStruct(usage_shape, jnp.float32, sharding=rep),
+                          usage_updates=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))
+    return StateLayout(
+        abstract=TokenizerTrainState(**_fields(base.abstract), **extra_abstract),
+        shardings=TokenizerTrainState(**_fields(base.shardings), usage_ema=rep, usage_updates=rep))
+
+
+def init_tokenizer_state(model_fn, tx, layout: StateLayout, mesh: Mesh, seed: int) -> TokenizerTrainState:
+    """Params and optimizer state born sharded (var_jax.train.state.init_train_state), a zero usage EMA."""
+    base_layout = StateLayout(abstract=None, shardings=_train_state_part(layout.shardings))
+    base = init_train_state(model_fn, tx, base_layout, mesh, seed)
+    usage = layout.abstract.usage_ema
+    return TokenizerTrainState(
+        **_fields(base),
+        usage_ema=jax.device_put(jnp.zeros(usage.shape, usage.dtype), layout.shardings.usage_ema),
+        usage_updates=jax.device_put(jnp.zeros((), jnp.int32), layout.shardings.usage_updates))
+
+
+def warm_start(state: TokenizerTrainState, checkpoint_dir: str, layout: StateLayout) -> TokenizerTrainState:
+    """Replace the generator params by a converted / exported tokenizer's (`var_jax.checkpoints` model dir);
+    the optimizer state is untouched (fresh: its moments do not depend on the param values)."""
+    from var_jax.checkpoints import load_model_dir
+
+    bundle = load_model_dir(checkpoint_dir)
+    if bundle.tokenizer is None:
+        raise ValueError(f"warm_start: {checkpoint_dir} holds no tokenizer")
+    _, loaded, _ = split_model(bundle.tokenizer)
+    loaded = loaded.to_pure_dict()
+    target = layout.abstract.params["generator"]
+    want = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(target)}
+    have = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(loaded)}
+    if want != have:
+        problems = sorted(set(want) ^ set(have)) + sorted(k for k in set(want) & set(have) if want[k] != have[k])
+        raise ValueError(
+            f"warm_start: the tokenizer in {checkpoint_dir} ({bundle.tokenizer_config}) does not fit the configured "
+            f"tokenizer; differing parameters: {problems[:10]}{' ...' if len(problems) > 10 else ''}")
+    generator = jax.device_put(loaded, layout.shardings.params["generator"])
+    return state.replace(params={**state.params, "generator": generator})
+
+
+def _fields(x) -> dict:
+    return {f: getattr(x, f) for f in ("step", "params", "opt_state", "rng")}
+
+
+def _train_state_part(x):
+    from var_jax.train.state import TrainState
+    return TrainState(**_fields(x))

@@ -1,0 +1,173 @@
+"""The tokenizer train step: one pure function (state, batch, frozen) -> (state, metrics).
+
+Generator update (VQVAE: encoder, codebook, Phi convs, decoder):
+    loss = recon_weight·recon + lpips_weight·LPIPS                                (= nll, as VQGAN names it)
+         + vq_weight·vq                (the quantizer's beta-weighted multi-scale VQ loss)
+         + disc_factor(step)·w_adaptive·g_loss                                     (when the GAN is on)
+with w_adaptive = ||∇_last nll|| / (||∇_last g_loss|| + 1e-4), clipped to [0, 1e4], times disc_weight; `last` is
+the decoder's last conv kernel. Discriminator update (when the GAN is on): disc_factor(step)·d_loss on the real
+images vs the same reconstructions (taken before the generator update, one forward serves both).
+Both updates go through one `optax.multi_transform` holding the two optimizers (params {'generator',
+'discriminator'}), so the train state keeps the shape of var_jax.train.state.TrainState, plus the code-usage EMA.
+
+The batch is {'image': (B, H, W, 3) in [-1, 1], ...}; `frozen` is the LPIPS network's params (or None).
+Everything runs in float32.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from var_jax.tokenizer import quantizer
+from var_jax.tokenizer.config import TokenizerConfig
+from var_jax.tokenizer.training import losses
+from var_jax.tokenizer.training.code_usage import restart_dead_codes
+from var_jax.tokenizer.training.state import TokenizerTrainState, get_path, replace_path
+from var_jax.train.optimizer import current_hyperparams
+
+# Where the adaptive GAN weight measures gradients: the decoder's last conv kernel (VQGAN's `last_layer`).
+LAST_LAYER_PATH = ("generator", "decoder", "conv_out", "kernel")
+CODEBOOK_PATH = ("generator", "codebook")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerLossConfig:
+    recon_kind: str = "l1"           # 'l1' | 'l2'
+    recon_weight: float = 1.0
+    vq_weight: float = 1.0           # on the quantizer's loss, which already carries beta
+    lpips_weight: float = 0.0        # needs LPIPS weights (frozen); 0 = off
+    disc_weight: float = 0.0         # 0 = no GAN
+    gan_kind: str = "hinge"          # 'hinge' | 'non_saturating'
+    disc_start: int = 0              # GAN terms are off before this step
+    adaptive_disc_weight: bool = True
+    restart_every: int = 0           # dead-code restart period in steps; 0 = off
+    restart_threshold: float = 1.0   # a code is dead when its hit EMA summed over scales is below this
+
+    @property
+    def use_gan(self) -> bool:
+        return self.disc_weight > 0
+
+    @property
+    def use_lpips(self) -> bool:
+        return self.lpips_weight > 0
+
+    def validate(self) -> "TokenizerLossConfig":
+        def fail(field, why):
+            raise ValueError(f"tokenizer loss config: {field} {why} (got {getattr(self, field)!r})")
+        if self.recon_kind not in losses.RECONSTRUCTION_KINDS:
+            fail("recon_kind", f"must be one of {losses.RECONSTRUCTION_KINDS}")
+        if self.gan_kind not in losses.GAN_KINDS:
+            fail("gan_kind", f"must be one of {losses.GAN_KINDS}")
+        for field in ("recon_weight", "vq_weight", "lpips_weight", "disc_weight", "restart_threshold"):
+            if getattr(self, field) < 0:
+                fail(field, "must be >= 0")
+        for field in ("disc_start", "restart_every"):
+            if getattr(self, field) < 0:
+                fail(field, "must be >= 0")
+        return self
+
+
+
+def make_tokenizer_train_step(merge: Callable[[Any], Any], tx: optax.GradientTransformation,
+                              tokenizer_cfg: TokenizerConfig, loss_cfg: TokenizerLossConfig,
+                              merge_lpips: Callable[[Any], Any] | None = None):
+    """The pure step. `merge(params)` rebuilds the modules (`.generator`, `.discriminator`) from the params dict
+    {'generator', 'discriminator'?}; `merge_lpips(frozen)` the LPIPS network (needed when lpips_weight > 0)."""
+    loss_cfg.validate()
+    if loss_cfg.use_lpips and merge_lpips is None:
+        raise ValueError("tokenizer loss config: lpips_weight > 0 needs LPIPS weights (lpips.vgg_path / lin_path)")
+    cfg, lc = tokenizer_cfg, loss_cfg
+
+    def train_step(state: TokenizerTrainState, batch, frozen):
+        images = batch["image"].astype(jnp.float32)
+        restart_key = jax.random.fold_in(state.rng, state.step)
+        factor = losses.disc_factor(state.step, lc.disc_start) if lc.use_gan else jnp.float32(0.0)
+
+        def nll_of(rec):
+            recon = losses.reconstruction_loss(images, rec, lc.recon_kind)
+            lpips = jnp.mean(merge_lpips(frozen)(images, rec)) if lc.use_lpips else jnp.float32(0.0)
+            return lc.recon_weight * recon + lc.lpips_weight * lpips, (recon, lpips)
+
+        def generator_loss(gen_params):
+            params = {**state.params, "generator": gen_params}
+            modules = merge(params)
+            f = modules.generator.encode(images)
+            f_hat, vq, tokens, hits = quantizer.quantize_for_training(modules.generator.quantizer_params(), f, cfg)
+
+            def decode(last_kernel):   # the decoder as a function of its last layer, for the adaptive weight
+                generator = merge(replace_path(params, LAST_LAYER_PATH, last_kernel)).generator
+                return generator.decoder(generator.post_quant_conv(f_hat))   # unclamped: clamping kills gradients
+
+            aux = {"vq": vq, "hits": hits, "f": f}
+            if not lc.use_gan:
+                rec = decode(get_path(params, LAST_LAYER_PATH))
+                nll, (aux["recon"], aux["lpips"]) = nll_of(rec)
+                return nll + lc.vq_weight * vq, (rec, aux)
+            # One forward: the vjp of the last layer gives both gradients the adaptive weight compares.
+            rec, last_vjp = jax.vjp(decode, get_path(params, LAST_LAYER_PATH))
+            nll, nll_vjp, (aux["recon"], aux["lpips"]) = jax.vjp(nll_of, rec, has_aux=True)
+            g_loss, g_vjp = jax.vjp(
+                lambda r: losses.generator_adversarial_loss(modules.discriminator(r), lc.gan_kind), rec)
+            if lc.adaptive_disc_weight:
+                (nll_grad,) = last_vjp(*nll_vjp(jnp.ones_like(nll)))
+                (g_grad,) = last_vjp(*g_vjp(jnp.ones_like(g_loss)))
+                weight = losses.adaptive_gan_weight(nll_grad, g_grad, lc.disc_weight)
+            else:
+                weight = jnp.float32(lc.disc_weight)
+            aux.update(g_loss=g_loss, disc_weight=weight)
+            return nll + lc.vq_weight * vq + factor * weight * g_loss, (rec, aux)
+
+        (loss, (rec, aux)), gen_grads = jax.value_and_grad(generator_loss, has_aux=True)(state.params["generator"])
+        grads = {"generator": gen_grads}
+        metrics = {"loss": loss, "recon": aux["recon"], "vq": aux["vq"], "lpips": aux["lpips"],
+                   "grad_norm": optax.global_norm(gen_grads),
+                   "psnr": losses.psnr(images, jnp.clip(rec, -1.0, 1.0))}
+
+        if lc.use_gan:
+            fake = jax.lax.stop_gradient(rec)
+
+            def discriminator_loss(disc_params):
+                discriminator = merge({**state.params, "discriminator": disc_params}).discriminator
+                logits_real, logits_fake = discriminator(images), discriminator(fake)
+                d_loss = losses.discriminator_loss(logits_real, logits_fake, lc.gan_kind)
+                return factor * d_loss, (d_loss, jnp.mean(logits_real), jnp.mean(logits_fake))
+
+            (_, (d_loss, real_mean, fake_mean)), disc_grads = jax.value_and_grad(
+                discriminator_loss, has_aux=True)(state.params["discriminator"])
+            grads["discriminator"] = disc_grads
+            metrics.update(g_loss=aux["g_loss"], d_loss=d_loss, disc_weight=aux["disc_weight"], disc_factor=factor,
+                           logits_real=real_mean, logits_fake=fake_mean, d_grad_norm=optax.global_norm(disc_grads))
+
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+
+        # The reference's per-scale code usage: hit-count EMA and % of codes above its margin.
+        ema = quantizer.update_usage_ema(state.usage_ema, aux["hits"], state.usage_updates)
+        if lc.restart_every:
+            due = (state.step + 1) % lc.restart_every == 0
+            codebook = get_path(params, CODEBOOK_PATH)
+            new_codebook, new_ema, dead = restart_dead_codes(
+                codebook, ema, jax.lax.stop_gradient(aux["f"]), restart_key, lc.restart_threshold)
+            params = replace_path(params, CODEBOOK_PATH, jnp.where(due, new_codebook, codebook))
+            ema = jnp.where(due, new_ema, ema)
+            metrics["codes_restarted"] = jnp.where(due, jnp.sum(dead), 0)
+        positions = images.shape[0] * cfg.latent_size * cfg.latent_size
+        usage = quantizer.code_usage_percent(ema, positions)
+        metrics["code_usage"] = jnp.mean(usage)
+        metrics.update({f"code_usage_{pn}": usage[si] for si, pn in enumerate(cfg.patch_nums)})
+        metrics.update(current_hyperparams(generator_opt_state(opt_state)))
+
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, usage_ema=ema,
+                                  usage_updates=state.usage_updates + 1)
+        return new_state, metrics
+
+    return train_step
+
+
+def generator_opt_state(opt_state):
+    """The generator optimizer's own state inside the multi_transform state (for its injected lr / wd)."""
+    return opt_state.inner_states["generator"].inner_state

@@ -1,0 +1,237 @@
+"""The multi-scale VQVAE: convolutional encoder/decoder (NHWC) around the residual quantizer's parameters.
+
+Module and attribute names mirror the reference state_dict (`encoder.down.0.block.1.conv2`, `decoder.mid.attn_1`,
+...) so that the converter (convert.py) is a mechanical rename + transpose. The quantizer's recursion itself is a set
+of pure functions in quantizer.py, fed by `VQVAE.quantizer_params()`.
+
+Initialisation (for training from scratch): every conv uses PyTorch's default Conv2d init, U(±1/sqrt(fan_in)) for
+weights and biases, because the reference has no init routine of its own and its released tokenizer was trained
+from that default; GroupNorm scale 1 / bias 0. The codebook is trunc_normal(std=0.05) (the reference's
+`VectorQuantizer2.eini(0.05)`): the reference `nn.Embedding` default (std 1) is ~5x larger than the encoder features
+at init, which maps every coarse-scale cell to the same code.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from var_jax.tokenizer import quantizer
+from var_jax.tokenizer.config import NORM_GROUPS, TokenizerConfig
+
+CODEBOOK_INIT_STD = 0.05
+
+
+def _torch_default_uniform(fan_in: int):
+    """PyTorch's default Conv2d/Linear init bound (kaiming_uniform with a=sqrt(5) gives the same 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+    return init
+
+
+def conv(in_ch: int, out_ch: int, kernel_size: int, *, rngs: nnx.Rngs, stride: int = 1, padding=None) -> nnx.Conv:
+    """A conv with PyTorch's padding convention (explicit, symmetric k//2 unless given) and default init."""
+    pad = kernel_size // 2
+    init = _torch_default_uniform(in_ch * kernel_size * kernel_size)
+    return nnx.Conv(
+        in_ch, out_ch, (kernel_size, kernel_size), strides=stride,
+        padding=((pad, pad), (pad, pad)) if padding is None else padding,
+        kernel_init=init, bias_init=init, rngs=rngs,
+        kernel_metadata={"sharding_names": ("kernel", "kernel", "conv_in", "conv_out")},
+        bias_metadata={"sharding_names": ("conv_out",)},
+    )
+
+
+def group_norm(channels: int, *, rngs: nnx.Rngs) -> nnx.GroupNorm:
+    # use_fast_variance=False: E[(x-mean)^2] like PyTorch, not E[x^2]-mean^2 (which loses digits on large means).
+    return nnx.GroupNorm(channels, num_groups=NORM_GROUPS, epsilon=1e-6, use_fast_variance=False, rngs=rngs,
+                         scale_metadata={"sharding_names": ("norm",)}, bias_metadata={"sharding_names": ("norm",)})
+
+
+class ResnetBlock(nnx.Module):
+    def __init__(self, in_ch: int, out_ch: int, dropout: float, *, rngs: nnx.Rngs):
+        self.norm1 = group_norm(in_ch, rngs=rngs)
+        self.conv1 = conv(in_ch, out_ch, 3, rngs=rngs)
+        self.norm2 = group_norm(out_ch, rngs=rngs)
+        self.dropout = nnx.Dropout(dropout, rngs=rngs) if dropout > 0 else None
+        self.conv2 = conv(out_ch, out_ch, 3, rngs=rngs)
+        self.nin_shortcut = conv(in_ch, out_ch, 1, rngs=rngs) if in_ch != out_ch else None
+
+    def __call__(self, x):
+        h = self.conv1(jax.nn.silu(self.norm1(x)))
+        h = jax.nn.silu(self.norm2(h))
+        if self.dropout is not None:
+            h = self.dropout(h)
+        h = self.conv2(h)
+        shortcut = x if self.nin_shortcut is None else self.nin_shortcut(x)
+        return shortcut + h
+
+
+class AttnBlock(nnx.Module):
+    """Single-head self-attention over the H·W positions; one 1x1 conv gives q|k|v in that channel order."""
+
+    def __init__(self, channels: int, *, rngs: nnx.Rngs):
+        self.norm = group_norm(channels, rngs=rngs)
+        self.qkv = conv(channels, 3 * channels, 1, rngs=rngs)
+        self.proj_out = conv(channels, channels, 1, rngs=rngs)
+
+    def __call__(self, x):
+        b, h, w, c = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, h * w, 3, 1, c)   # (B, T, [q|k|v], heads=1, C)
+        out = jax.nn.dot_product_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2])   # scale C^-0.5
+        return x + self.proj_out(out.reshape(b, h, w, c))
+
+
+class Downsample(nnx.Module):
+    def __init__(self, channels: int, *, rngs: nnx.Rngs):
+        # The reference pads right and bottom by one (not symmetric) before a stride-2 3x3 conv.
+        self.conv = conv(channels, channels, 3, rngs=rngs, stride=2, padding=((0, 1), (0, 1)))
+
+    def __call__(self, x):
+        return self.conv(x)
+
+
+class Upsample(nnx.Module):
+    def __init__(self, channels: int, *, rngs: nnx.Rngs):
+        self.conv = conv(channels, channels, 3, rngs=rngs)
+
+    def __call__(self, x):
+        return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))   # nearest x2
+
+
+class Level(nnx.Module):
+    """One resolution of the encoder or decoder: res blocks, each optionally followed by attention, then resampling."""
+
+    def __init__(self, in_ch: int, out_ch: int, num_blocks: int, with_attn: bool, resample, dropout: float,
+                 *, rngs: nnx.Rngs):
+        blocks, attns = [], []
+        for _ in range(num_blocks):
+            blocks.append(ResnetBlock(in_ch, out_ch, dropout, rngs=rngs))
+            in_ch = out_ch
+            if with_attn:
+                attns.append(AttnBlock(out_ch, rngs=rngs))
+        self.block = nnx.List(blocks)
+        self.attn = nnx.List(attns)
+        if resample == "down":
+            self.downsample = Downsample(out_ch, rngs=rngs)
+        elif resample == "up":
+            self.upsample = Upsample(out_ch, rngs=rngs)
+        self.resample = resample
+
+    def __call__(self, x):
+        for i, block in enumerate(self.block):
+            x = block(x)
+            if len(self.attn):
+                x = self.attn[i](x)
+        if self.resample == "down":
+            x = self.downsample(x)
+        elif self.resample == "up":
+            x = self.upsample(x)
+        return x
+
+
+class Mid(nnx.Module):
+    def __init__(self, channels: int, dropout: float, *, rngs: nnx.Rngs):
+        self.block_1 = ResnetBlock(channels, channels, dropout, rngs=rngs)
+        self.attn_1 = AttnBlock(channels, rngs=rngs)
+        self.block_2 = ResnetBlock(channels, channels, dropout, rngs=rngs)
+
+    def __call__(self, x):
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Encoder(nnx.Module):
+    """(B, H, W, 3) in [-1, 1] -> (B, H/ds, W/ds, Cvae)."""
+
+    def __init__(self, cfg: TokenizerConfig, *, rngs: nnx.Rngs):
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        last = cfg.num_levels - 1
+        self.conv_in = conv(3, cfg.ch, 3, rngs=rngs)
+        self.down = nnx.List([
+            Level((cfg.ch, *widths)[i], widths[i], cfg.num_res_blocks, i in cfg.attention_levels,
+                  "down" if i != last else None, cfg.dropout, rngs=rngs)
+            for i in range(cfg.num_levels)])
+        self.mid = Mid(widths[-1], cfg.dropout, rngs=rngs)
+        self.norm_out = group_norm(widths[-1], rngs=rngs)
+        self.conv_out = conv(widths[-1], cfg.z_channels, 3, rngs=rngs)
+
+    def __call__(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            h = level(h)
+        h = self.mid(h)
+        return self.conv_out(jax.nn.silu(self.norm_out(h)))
+
+
+class Decoder(nnx.Module):
+    """(B, h, w, Cvae) -> (B, h·ds, w·ds, 3), not clamped."""
+
+    def __init__(self, cfg: TokenizerConfig, *, rngs: nnx.Rngs):
+        widths = [cfg.ch * m for m in cfg.ch_mult]
+        self.conv_in = conv(cfg.z_channels, widths[-1], 3, rngs=rngs)
+        self.mid = Mid(widths[-1], cfg.dropout, rngs=rngs)
+        # up[i] is level i, as in the reference state_dict; they run from the last level down to 0.
+        in_widths = [widths[i + 1] if i + 1 < cfg.num_levels else widths[-1] for i in range(cfg.num_levels)]
+        self.up = nnx.List([
+            Level(in_widths[i], widths[i], cfg.num_res_blocks + 1, i in cfg.attention_levels,
+                  "up" if i != 0 else None, cfg.dropout, rngs=rngs)
+            for i in range(cfg.num_levels)])
+        self.norm_out = group_norm(widths[0], rngs=rngs)
+        self.conv_out = conv(widths[0], 3, 3, rngs=rngs)
+
+    def __call__(self, z):
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            h = level(h)
+        return self.conv_out(jax.nn.silu(self.norm_out(h)))
+
+
+class VQVAE(nnx.Module):
+    """Encoder -> quant_conv -> (multi-scale residual quantizer) -> post_quant_conv -> Decoder."""
+
+    def __init__(self, cfg: TokenizerConfig, *, rngs: nnx.Rngs):
+        cfg.validate()
+        self.cfg = cfg
+        c = cfg.z_channels
+        self.encoder = Encoder(cfg, rngs=rngs)
+        self.quant_conv = conv(c, c, cfg.quant_conv_ks, rngs=rngs)
+        self.codebook = nnx.Param(
+            CODEBOOK_INIT_STD * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, (cfg.vocab_size, c)),
+            sharding_names=("vocab", "cvae"))
+        # The Phi convs, stacked: (K, 3, 3, C, C) HWIO kernels and (K, C) biases; K = 0 when Phi is the identity.
+        k = cfg.num_phi
+        phi_init = _torch_default_uniform(c * 9)
+        self.phi_kernels = nnx.Param(phi_init(rngs.params(), (k, 3, 3, c, c)),
+                                     sharding_names=("layers", "kernel", "kernel", "conv_in", "conv_out"))
+        self.phi_biases = nnx.Param(phi_init(rngs.params(), (k, c)), sharding_names=("layers", "conv_out"))
+        self.post_quant_conv = conv(c, c, cfg.quant_conv_ks, rngs=rngs)
+        self.decoder = Decoder(cfg, rngs=rngs)
+
+    def encode(self, img):
+        """(B, H, W, 3) in [-1, 1] -> f (B, h, w, Cvae), the continuous features the quantizer sees."""
+        if img.ndim != 4 or img.shape[-1] != 3:
+            raise ValueError(f"VQVAE.encode expects NHWC images with 3 channels, got shape {img.shape}")
+        return self.quant_conv(self.encoder(img))
+
+    def decode(self, f_hat):
+        """f_hat (B, h, w, Cvae) -> image (B, H, W, 3) clamped to [-1, 1]."""
+        return jnp.clip(self.decoder(self.post_quant_conv(f_hat)), -1.0, 1.0)
+
+    def quantizer_params(self) -> dict:
+        """The plain arrays the pure quantizer functions (quantizer.py) take."""
+        return {"codebook": self.codebook[...], "phi_kernels": self.phi_kernels[...],
+                "phi_biases": self.phi_biases[...]}
+
+
+def image_to_tokens(model: VQVAE, img):
+    """Images (B, H, W, 3) in [-1, 1] -> list of per-scale token maps (B, pn²) int32."""
+    return quantizer.f_to_tokens(model.quantizer_params(), model.encode(img), model.cfg)[0]
+
+
+def tokens_to_image(model: VQVAE, tokens):
+    """List of per-scale token maps (B, pn²) -> images (B, H, W, 3) in [-1, 1]."""
+    return model.decode(quantizer.tokens_to_fhat(model.quantizer_params(), tokens, model.cfg))
