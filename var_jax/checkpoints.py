@@ -1,0 +1,236 @@
+"""The model directory every command loads with `--checkpoint DIR`, and reading reference checkpoints.
+
+Layout of a model directory:
+    config.json   {"format": "var-jax-model", "version": 1, "tokenizer": {...}, "var": {...} or null}
+    tokenizer/    orbax checkpoint of the tokenizer's parameters (a nested dict of arrays)
+    var/          the same for the VAR transformer, when there is one
+
+Only parameters are stored; the module structure (and any buffers) is rebuilt from the configs. The directory is
+written under a temporary name and renamed into place when complete, so a reader never sees half of one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT_NAME = "var-jax-model"
+FORMAT_VERSION = 1
+CONFIG_FILE = "config.json"
+# Keys under which training checkpoints commonly nest their state_dict (tried in this order).
+WRAPPER_KEYS = ("state_dict", "model", "module", "params")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read: missing, corrupt, of another format, or not matching its config."""
+
+
+@dataclasses.dataclass
+class ModelBundle:
+    tokenizer_config: Any = None     # TokenizerConfig
+    tokenizer: Any = None            # VQVAE
+    var_config: Any = None           # VARConfig, or None
+    var: Any = None                  # VAR, or None
+
+
+# ---- var-jax model directories ----------------------------------------------------------------------------
+
+def _param_dict(model) -> dict:
+    from flax import nnx
+    return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def save_model_dir(directory, tokenizer=None, var=None, *, overwrite: bool = False) -> Path:
+    """Write a model directory from `tokenizer=(TokenizerConfig, VQVAE)` and/or `var=(VARConfig, VAR)`."""
+    import jax
+    import orbax.checkpoint as ocp
+
+    if tokenizer is None and var is None:
+        raise ValueError("save_model_dir: nothing to save (give tokenizer=(config, model) and/or var=(config, model))")
+    directory = Path(directory).absolute()
+    if directory.exists() and not overwrite:
+        raise CheckpointError(f"{directory} already exists (pass overwrite=True to replace it)")
+    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
+    config = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
+              "tokenizer": tokenizer[0].to_dict() if tokenizer else None,
+              "var": var[0].to_dict() if var else None}
+    with ocp.StandardCheckpointer() as checkpointer:
+        for part, pair in (("tokenizer", tokenizer), ("var", var)):
+            if pair is not None:
+                checkpointer.save(tmp / part, _param_dict(pair[1]))
+        checkpointer.wait_until_finished()
+    if jax.process_index() == 0:
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        if directory.exists():
+            trash = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(directory, trash)
+            os.rename(tmp, directory)
+            shutil.rmtree(trash)
+        else:
+            os.rename(tmp, directory)
+    return directory
+
+
+def read_model_config(directory) -> dict:
+    """config.json of a model directory, checked for format and version."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a var-jax model directory: no {CONFIG_FILE} "
+                              f"(convert a reference checkpoint with `python -m var_jax convert`)")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict) or config.get("format") != FORMAT_NAME:
+        raise CheckpointError(f"{path}: format is {config.get('format') if isinstance(config, dict) else None!r}, "
+                              f"expected {FORMAT_NAME!r}")
+    if config.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{path}: version {config.get('version')!r} is not supported "
+                              f"(this var-jax reads version {FORMAT_VERSION})")
+    return config
+
+
+def _flat_shapes(tree) -> dict[str, tuple]:
+    """'a/0/kernel' -> shape; keys stringified, as orbax stores the integer keys of module lists as strings."""
+    import jax
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p): tuple(x.shape)
+            for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _restore_module(path: Path, model_fn, mesh, what: str):
+    """Rebuild a module from its constructor and restore its parameters, directly onto their shardings."""
+    import jax
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from var_jax.sharding import state_shardings
+    from var_jax.train.state import model_parts
+
+    if not path.is_dir():
+        raise CheckpointError(f"{path.parent}: config.json names a {what} but {path} is missing")
+    parts = model_parts(model_fn)
+    abstract = nnx.to_pure_dict(parts.param_vars)
+    if mesh is not None:
+        shardings = nnx.to_pure_dict(state_shardings(parts.param_vars, mesh))
+    else:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract)
+    target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+    with ocp.StandardCheckpointer() as checkpointer:
+        try:
+            stored = checkpointer.metadata(path).item_metadata.tree
+        except Exception as e:  # orbax raises several types for unreadable directories
+            raise CheckpointError(f"cannot read the {what} checkpoint {path}: {e}") from None
+        want, have = _flat_shapes(target), _flat_shapes(stored)
+        if want != have:
+            problems = sorted(set(want) ^ set(have)) + sorted(
+                f"{k}: config says {want[k]}, stored {have[k]}" for k in set(want) & set(have) if want[k] != have[k])
+            raise CheckpointError(f"{path} does not match the {what} config in config.json; differing parameters: "
+                                  f"{problems[:10]}{' ...' if len(problems) > 10 else ''}")
+        params = checkpointer.restore(path, target)
+    return parts.merge(params)
+
+
+def load_model_dir(directory, mesh=None) -> ModelBundle:
+    """Load a model directory; with a mesh, parameters are restored straight onto their logical-axis shardings."""
+    from var_jax.tokenizer.config import TokenizerConfig
+    from var_jax.tokenizer.vqvae import VQVAE
+
+    directory = Path(directory)
+    config = read_model_config(directory)
+    bundle = ModelBundle()
+    try:
+        if config.get("tokenizer") is not None:
+            bundle.tokenizer_config = TokenizerConfig.from_dict(config["tokenizer"]).validate()
+        if config.get("var") is not None:
+            from var_jax.transformer.config import VARConfig
+            bundle.var_config = VARConfig.from_dict(config["var"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{directory / CONFIG_FILE}: invalid model config: {e}") from None
+    if bundle.tokenizer_config is not None:
+        cfg = bundle.tokenizer_config
+        bundle.tokenizer = _restore_module(directory / "tokenizer", lambda rngs: VQVAE(cfg, rngs=rngs), mesh,
+                                           "tokenizer")
+    if bundle.var_config is not None:
+        from var_jax.transformer.model import VAR
+        vcfg = bundle.var_config
+        bundle.var = _restore_module(directory / "var", lambda rngs: VAR(vcfg, rngs=rngs), mesh, "var")
+    for model in (bundle.tokenizer, bundle.var):
+        if model is not None:
+            model.eval()
+    return bundle
+
+
+# ---- reference (PyTorch) checkpoints --------------------------------------------------------------------
+
+def _is_state_dict(obj) -> bool:
+    return isinstance(obj, dict) and bool(obj) and all(hasattr(v, "shape") for v in obj.values())
+
+
+def _select(obj, key: str | None, path):
+    """Walk `key` ('trainer.vae_local') into a nested checkpoint, else unwrap the usual wrapper keys."""
+    if key:
+        for part in key.split("."):
+            if not isinstance(obj, dict) or part not in obj:
+                have = sorted(obj) if isinstance(obj, dict) else type(obj).__name__
+                raise CheckpointError(f"{path}: no entry {part!r} (of --key {key!r}); available: {have}")
+            obj = obj[part]
+    while not _is_state_dict(obj):
+        inner = next((obj[k] for k in WRAPPER_KEYS if isinstance(obj, dict) and isinstance(obj.get(k), dict)), None)
+        if inner is None:
+            have = sorted(obj)[:20] if isinstance(obj, dict) else type(obj).__name__
+            raise CheckpointError(f"{path} does not hold a state_dict of tensors at the top level or under "
+                                  f"{list(WRAPPER_KEYS)}; top-level entries: {have} (select one with key=...)")
+        obj = inner
+    return obj
+
+
+def _tensor_to_numpy(t) -> np.ndarray:
+    t = t.detach().cpu()
+    if t.is_floating_point() and t.dtype.itemsize < 4:   # bfloat16 / float16 have no exact numpy twin here
+        t = t.float()
+    return t.numpy()
+
+
+def read_state_dict(path, key: str | None = None) -> dict[str, np.ndarray]:
+    """A reference state_dict as numpy arrays, from `.pth`/`.pt` (torch, weights only) or `.npz`.
+
+    `key` selects a nested entry: dotted names for torch files ('trainer.vae_local'), the `key/` prefix of npz
+    entries ('vae' picks 'vae/...'). Without it a top-level dict wrapping the state_dict is unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file {path} does not exist")
+    suffix = path.suffix.lower()
+    if suffix == ".npz":
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except Exception as e:  # zipfile / numpy raise many types for a damaged file
+            raise CheckpointError(f"cannot read {path} as .npz: {e}") from None
+        if key:
+            prefix = key.rstrip("/") + "/"
+            arrays = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
+            if not arrays:
+                raise CheckpointError(f"{path}: no entries under {prefix!r}")
+        return arrays
+    if suffix not in (".pth", ".pt"):
+        raise CheckpointError(f"{path}: unknown checkpoint type {suffix!r} (expected .pth, .pt or .npz)")
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(f"reading {path} needs PyTorch: pip install -e .[convert]") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle / zip errors of a damaged or non-torch file
+        raise CheckpointError(f"cannot read {path} with torch.load(weights_only=True): {e}") from None
+    return {k: _tensor_to_numpy(v) for k, v in _select(obj, key, path).items()}
