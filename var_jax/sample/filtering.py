@@ -15,13 +15,13 @@ SMOOTH_TAU_DECAY = 0.95
 SMOOTH_TAU_MIN = 0.005
 
 
-def guidance_strength(cfg: float, si, num_scales: int, schedule: str = "linear"):
+def guidance_strength(cfg: float, si: int, num_scales: int, schedule: str = "linear") -> float:
     """t of `(1+t)·cond − t·uncond` at scale si. 'linear' is the reference ramp cfg·si/(SN−1) (0 at the first
-    scale); 'constant' uses cfg at every scale. si may be traced."""
+    scale); 'constant' uses cfg at every scale."""
     if schedule == "linear":
         return cfg * si / max(num_scales - 1, 1)
     if schedule == "constant":
-        return cfg * jnp.ones_like(jnp.asarray(si, jnp.float32))
+        return float(cfg)
     raise ValueError(f"cfg schedule must be 'linear' or 'constant', got {schedule!r}")
 
 

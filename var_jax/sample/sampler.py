@@ -1,0 +1,269 @@
+"""The scale-by-scale VAR sampler (the reference's `autoregressive_infer_cfg`, VAR_REFERENCE.md §3) as one jitted
+pure function of (transformer state, tokenizer state, labels, image ids, seed) -> (images in [0, 1], tokens).
+
+Per scale: run the transformer on the scale's input block against the KV cache, mix the guided logits, filter
+them (top-k, top-p), draw a token per position, optionally overwrite kept positions with the source image's
+tokens (editing), add the scale's embedding map to f_hat and build the next scale's input. The scales are walked
+according to a plan (schedule.py): unrolled (exact shapes), fully scanned (padded), or grouped (small scales
+scanned, large ones unrolled).
+
+Guidance doubles the batch as (conditional, unconditional) row *pairs*: row 2i is image i with its class, row
+2i+1 the same image with the null class. Keeping an image's two rows adjacent keeps them on the same device when
+the batch is sharded, so the guidance mix needs no communication; rows are computed independently, so the order
+does not change any value.
+
+Randomness: image i draws from fold_in(key(seed), image_ids[i]), then fold_in(·, scale): the same seed and image id
+give the same image whatever the batch size, batch position or number of devices.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from var_jax.sample.filtering import draw_tokens, filter_logits, guidance_strength, mix_guidance, smooth_embedding
+from var_jax.sample.schedule import DEFAULT_WASTE_BUDGET, MODES, Segment, scale_plan
+from var_jax.tokenizer import quantizer
+from var_jax.transformer.blocks import compute_dtype
+
+# The fastest-running mode on this machine (benchmarks/sample_bench.py).
+DEFAULT_MODE = "unrolled"
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleOptions:
+    """Sampling settings (static: a change recompiles). The defaults are the reference FID setting."""
+    cfg: float = 1.5                 # guidance scale; 0 turns guidance off (and the batch is not doubled)
+    cfg_schedule: str = "linear"     # 'linear': t = cfg·si/(SN−1) (reference); 'constant': t = cfg
+    top_k: int = 900                 # ≤ 0: off; 1: greedy
+    top_p: float = 0.96              # ≤ 0: off
+    more_smooth: bool = False        # Gumbel-softmax embeddings (visual only, not for FID)
+    mode: str = DEFAULT_MODE         # 'unrolled' | 'grouped' | 'scanned'
+    waste_budget: float = DEFAULT_WASTE_BUDGET   # grouped mode: padding allowed, as a fraction of L
+
+    def validate(self) -> "SampleOptions":
+        if self.cfg < 0:
+            raise ValueError(f"SampleOptions.cfg must be >= 0, got {self.cfg}")
+        if self.cfg_schedule not in ("linear", "constant"):
+            raise ValueError(f"SampleOptions.cfg_schedule must be 'linear' or 'constant', got {self.cfg_schedule!r}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise ValueError(f"SampleOptions.top_p must be in [0, 1], got {self.top_p}")
+        if self.mode not in MODES:
+            raise ValueError(f"SampleOptions.mode must be one of {MODES}, got {self.mode!r}")
+        if self.waste_budget < 0:
+            raise ValueError(f"SampleOptions.waste_budget must be >= 0, got {self.waste_budget}")
+        return self
+
+    @property
+    def guided(self) -> bool:
+        return self.cfg != 0
+
+
+def image_keys(seed, image_ids):
+    """One PRNG key per image: fold the global image index into the seed."""
+    base = jax.random.key(seed)
+    return jax.vmap(lambda i: jax.random.fold_in(base, i))(jnp.asarray(image_ids, jnp.uint32))
+
+
+def _double(x, guided: bool):
+    """(B, ...) -> (2B, ...) as (cond, uncond) row pairs."""
+    return jnp.repeat(x, 2, axis=0) if guided else x
+
+
+def _guided_logits(logits2, t, guided: bool):
+    if not guided:
+        return logits2.astype(jnp.float32)
+    pairs = logits2.reshape(logits2.shape[0] // 2, 2, *logits2.shape[1:])
+    return mix_guidance(pairs[:, 0], pairs[:, 1], t)
+
+
+def _choose(logits, keys, si, ratio, codebook, options: SampleOptions):
+    """Filtered draw of one token per position, and the embedding map h the tokenizer adds: E[token], or the
+    Gumbel-softmax mixture of codes with `more_smooth`."""
+    filtered = filter_logits(logits, options.top_k, options.top_p)
+    scale_keys = jax.vmap(lambda k: jax.random.split(jax.random.fold_in(k, si)))(keys)
+    tokens = draw_tokens(scale_keys[:, 0], filtered)
+    if options.more_smooth:
+        h = smooth_embedding(scale_keys[:, 1], filtered, ratio, codebook)
+    else:
+        h = jnp.take(codebook, tokens, axis=0)
+    return tokens, h
+
+
+def _apply_edit(tokens, h, codebook, source_tokens, keep):
+    """Editing: where `keep`, use the source image's token and its embedding (h = E[gt]·m + h·(1−m))."""
+    if source_tokens is None:
+        return tokens, h
+    tokens = jnp.where(keep, source_tokens, tokens)
+    h = jnp.where(keep[..., None], jnp.take(codebook, source_tokens, axis=0), h)
+    return tokens, h
+
+
+def _forward_padded(var, x, cond, cache, start, valid_len, kv_len: int):
+    """forward_cached for a padded block: x (rows, P, C) holds `valid_len` real tokens at positions [start, ...);
+    the padding rows are written to the cache (the next scale overwrites them) but masked out as keys.
+    VAR.forward_cached masks keys < start + P, which would let real queries see the padding, hence this variant."""
+    mask = (jnp.arange(kv_len) < start + valid_len)[None, None, None, :]
+    index = (0, jnp.asarray(start, jnp.int32), 0, 0)
+
+    def make_kv_fn(layer_cache):
+        def kv_fn(k, v):
+            new_k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), index)
+            new_v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), index)
+            return new_k[:, :kv_len], new_v[:, :kv_len], mask, {"k": new_k, "v": new_v}
+        return kv_fn
+
+    x, cache = var._run_blocks(x.astype(compute_dtype(var.cfg)), cond, make_kv_fn, cache=cache)
+    return var.logits(x, cond), cache
+
+
+def _pad_rows(x, rows: int):
+    """Pad axis 1 with zeros to `rows`."""
+    return jnp.pad(x, [(0, 0), (0, rows - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+
+
+class _ScaleWalker:
+    """The scale loop of one sampling call; state between scales: (cache, f_hat, x) with x the next scale's
+    transformer input (rows, pn², C)."""
+
+    def __init__(self, var, qparams, tok_cfg, cond, keys, options: SampleOptions, edit, with_logits: bool):
+        self.var, self.qparams, self.tok_cfg = var, qparams, tok_cfg
+        self.cond, self.keys, self.options, self.edit = cond, keys, options, edit
+        self.with_logits = with_logits
+        self.codebook = qparams["codebook"].astype(jnp.float32)
+        self.patch_nums = tok_cfg.patch_nums
+        self.num_scales = len(self.patch_nums)
+        self.batch = keys.shape[0]
+        # per-scale guidance strength and ratio, computed once on the host so that every mode uses the very
+        # same float32 values (a traced recomputation could round differently and change a token)
+        self.ratios = np.float32([si / max(self.num_scales - 1, 1) for si in range(self.num_scales)])
+        self.strengths = np.float32([guidance_strength(options.cfg, si, self.num_scales, options.cfg_schedule)
+                                     for si in range(self.num_scales)])
+
+    def _tokenizer_step(self, si: int, f_hat, h_flat):
+        """Add scale si's map to f_hat; return (f_hat, next transformer input or None). si static."""
+        pn = self.patch_nums[si]
+        h = h_flat.reshape(self.batch, pn, pn, -1)
+        f_hat, next_in = quantizer.next_scale_input(self.qparams, self.tok_cfg, si, f_hat, h)
+        if next_in is None:
+            return f_hat, None
+        return f_hat, _double(self.var.scale_input(si + 1, next_in), self.options.guided)
+
+    def _edit_inputs(self, si):
+        if self.edit is None:
+            return None, None
+        source_tokens, keep = self.edit
+        return source_tokens[si], keep[si]
+
+    def exact_step(self, si: int, state):
+        cache, f_hat, x = state
+        start = sum(p * p for p in self.patch_nums[:si])
+        logits2, cache = self.var.forward_cached(x, self.cond, cache, start)
+        logits = _guided_logits(logits2, self.strengths[si], self.options.guided)
+        tokens, h = _choose(logits, self.keys, si, self.ratios[si], self.codebook, self.options)
+        tokens, h = _apply_edit(tokens, h, self.codebook, *self._edit_inputs(si))
+        f_hat, x = self._tokenizer_step(si, f_hat, h)
+        return (cache, f_hat, x), [(tokens, logits if self.with_logits else None)]
+
+    def scanned_segment(self, seg: Segment, state):
+        """The segment's scales in one lax.scan, every step padded to the segment's largest scale."""
+        cache, f_hat, x = state
+        step_rows = seg.step_tokens
+        nexts = [self.patch_nums[s + 1] ** 2 for s in seg.scales if s + 1 < self.num_scales]
+        carry_rows = max(nexts + [step_rows])
+        first = seg.scales[0]
+        options = self.options
+
+        def branch(j):
+            si = seg.scales[j]
+
+            def run(f_hat, h):
+                f_hat, x_next = self._tokenizer_step(si, f_hat, h[:, :self.patch_nums[si] ** 2])
+                if x_next is None:
+                    x_next = jnp.zeros((x.shape[0], carry_rows, x.shape[2]), x.dtype)
+                return f_hat, _pad_rows(x_next.astype(x.dtype), carry_rows)
+            return run
+
+        branches = [branch(j) for j in range(len(seg.scales))]
+        scales = jnp.asarray(seg.scales, jnp.int32)
+        xs = {"si": scales, "start": jnp.asarray(seg.starts, jnp.int32),
+              "valid": jnp.asarray([p * p for p in seg.patch_nums], jnp.int32),
+              "t": jnp.asarray(self.strengths[list(seg.scales)]), "ratio": jnp.asarray(self.ratios[list(seg.scales)])}
+        if self.edit is not None:
+            source_tokens, keep = self.edit
+            xs["source"] = jnp.stack([_pad_rows(source_tokens[s], step_rows) for s in seg.scales])
+            xs["keep"] = jnp.stack([_pad_rows(keep[s], step_rows) for s in seg.scales])
+
+        def body(carry, step):
+            cache, f_hat, x = carry
+            logits2, cache = _forward_padded(self.var, x[:, :step_rows], self.cond, cache, step["start"],
+                                             step["valid"], seg.kv_len)
+            logits = _guided_logits(logits2, step["t"], options.guided)
+            tokens, h = _choose(logits, self.keys, step["si"], step["ratio"], self.codebook, options)
+            if self.edit is not None:
+                tokens, h = _apply_edit(tokens, h, self.codebook, step["source"], step["keep"])
+            f_hat, x = jax.lax.switch(step["si"] - first, branches, f_hat, h)
+            return (cache, f_hat, x), (tokens, logits if self.with_logits else None)
+
+        (cache, f_hat, x), (tokens, logits) = jax.lax.scan(body, (cache, f_hat, _pad_rows(x, carry_rows)), xs)
+        last = seg.scales[-1]
+        if last + 1 < self.num_scales:
+            x = x[:, :self.patch_nums[last + 1] ** 2]
+        return (cache, f_hat, x), [(tokens[j, :, :p * p], None if logits is None else logits[j, :, :p * p])
+                                   for j, p in enumerate(seg.patch_nums)]
+
+
+def generate(var, tokenizer, labels, keys, options: SampleOptions, edit=None, *, decode: bool = True,
+             with_logits: bool = False):
+    """Sample token maps and images. Runs inside jit (on merged modules).
+
+    labels (B,) int (num_classes = null class), keys (B,) PRNG keys (see `image_keys`), edit None or
+    (source_tokens, keep) with per-scale lists of (B, pn²) int32 / bool. Returns a dict: 'images' (B, H, W, 3)
+    in [0, 1] float32 (with `decode`), 'f_hat' (B, h, w, Cvae), 'tokens' (list of (B, pn²) int32 per scale) and,
+    with `with_logits`, 'logits' (list of the guided, unfiltered (B, pn², V) float32 logits per scale)."""
+    tok_cfg = tokenizer.cfg
+    var_cfg = var.cfg
+    if tuple(var_cfg.patch_nums) != tuple(tok_cfg.patch_nums):
+        raise ValueError(f"transformer patch_nums {var_cfg.patch_nums} != tokenizer patch_nums {tok_cfg.patch_nums}")
+    labels = jnp.asarray(labels, jnp.int32)
+    batch = labels.shape[0]
+    rows_labels = jnp.stack([labels, jnp.full_like(labels, var_cfg.num_classes)], axis=1).reshape(-1) \
+        if options.guided else labels
+    cond = var.cond_embedding(rows_labels)
+    qparams = tokenizer.quantizer_params()
+    s = tok_cfg.latent_size
+    state = (var.init_cache(rows_labels.shape[0]), jnp.zeros((batch, s, s, tok_cfg.z_channels), jnp.float32),
+             var.first_scale_input(cond))
+    walker = _ScaleWalker(var, qparams, tok_cfg, cond, keys, options, edit, with_logits)
+    per_scale = []
+    for seg in scale_plan(tok_cfg.patch_nums, options.mode, options.waste_budget):
+        if seg.scanned:
+            state, outputs = walker.scanned_segment(seg, state)
+        else:
+            state, outputs = walker.exact_step(seg.scales[0], state)
+        per_scale += outputs
+    f_hat = state[1]
+    out = {"f_hat": f_hat, "tokens": [t.astype(jnp.int32) for t, _ in per_scale]}
+    if decode:
+        out["images"] = (tokenizer.decode(f_hat) + 1) * 0.5
+    if with_logits:
+        out["logits"] = [lg for _, lg in per_scale]
+    return out
+
+
+def make_sample_fn(var_graphdef, tokenizer_graphdef, options: SampleOptions, *, decode: bool = True,
+                   with_logits: bool = False):
+    """jit(fn(var_state, tokenizer_state, labels, image_ids, seed, edit=None) -> dict), see `generate`."""
+    options.validate()
+
+    @jax.jit
+    def sample_fn(var_state, tokenizer_state, labels, image_ids, seed, edit=None):
+        var = nnx.merge(var_graphdef, var_state)
+        tokenizer = nnx.merge(tokenizer_graphdef, tokenizer_state)
+        return generate(var, tokenizer, labels, image_keys(seed, image_ids), options, edit, decode=decode,
+                        with_logits=with_logits)
+
+    return sample_fn
