@@ -54,8 +54,18 @@ class PatchDiscriminator(nnx.Module):
         self.norms = nnx.List(norms)
         self.conv_out = _conv(cin, 1, 1, True, rngs)
 
+    def output_size(self, size: int) -> int:
+        """Side of the logit grid for an input side `size`: stride-2 4x4 convs (pad 1) halve it, stride-1 ones
+        take 1 off."""
+        for stride in (2, *(conv.strides for conv in self.convs), 1):
+            size = size // 2 if stride == 2 else size - 1
+        return size
+
     def __call__(self, images):
         """images (B, H, W, C) in [-1, 1] -> patch logits (B, h, w, 1)."""
+        if min(self.output_size(images.shape[1]), self.output_size(images.shape[2])) < 1:
+            raise ValueError(f"discriminator: images of {images.shape[1]}x{images.shape[2]} px are too small for "
+                             f"{len(self.convs)} layers (no patch logits left); use fewer layers or larger images")
         x = jax.nn.leaky_relu(self.conv_in(images), LEAKY_SLOPE)
         for conv, norm in zip(self.convs, self.norms):
             x = jax.nn.leaky_relu(norm(conv(x)), LEAKY_SLOPE)

@@ -66,12 +66,13 @@ def make_tokenizer_optimizer(parts: ModelParts, optim_cfg, disc_optim_cfg, *, ba
                              total_steps: int) -> optax.GradientTransformation:
     """The generator's and the discriminator's optimizers (the VAR recipe's optax chain, each with its own
     config), combined by param key."""
-    param_vars = parts.param_vars
-    txs = {"generator": make_optimizer(optim_cfg, batch_size=batch_size, total_steps=total_steps,
-                                       mask=decay_mask(param_vars["generator"]))}
-    if "discriminator" in param_vars:
-        txs["discriminator"] = make_optimizer(disc_optim_cfg, batch_size=batch_size, total_steps=total_steps,
-                                              mask=decay_mask(param_vars["discriminator"]))
+    # multi_transform hands each inner optimizer the whole params tree with the other keys masked out, so
+    # each decay mask is a prefix of the whole tree: this key's mask, a plain False for the others.
+    full_mask = decay_mask(parts.param_vars)
+    configs = {"generator": optim_cfg, "discriminator": disc_optim_cfg}
+    txs = {name: make_optimizer(configs[name], batch_size=batch_size, total_steps=total_steps,
+                                mask={k: (m if k == name else False) for k, m in full_mask.items()})
+           for name in full_mask}
     return optax.multi_transform(txs, {name: name for name in txs})
 
 

@@ -83,6 +83,9 @@ def make_tokenizer_train_step(merge: Callable[[Any], Any], tx: optax.GradientTra
     cfg, lc = tokenizer_cfg, loss_cfg
 
     def train_step(state: TokenizerTrainState, batch, frozen):
+        if lc.use_gan != ("discriminator" in state.params):
+            raise ValueError("tokenizer train step: the params must hold a discriminator exactly when "
+                             f"disc_weight > 0 (disc_weight={lc.disc_weight}, params: {sorted(state.params)})")
         images = batch["image"].astype(jnp.float32)
         restart_key = jax.random.fold_in(state.rng, state.step)
         factor = losses.disc_factor(state.step, lc.disc_start) if lc.use_gan else jnp.float32(0.0)
