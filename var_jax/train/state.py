@@ -114,3 +114,20 @@ def init_train_state(model_fn: Callable[[nnx.Rngs], nnx.Module], tx: optax.Gradi
 
 def param_count(params) -> int:
     return sum(int(x.size) for x in jax.tree.leaves(params))
+
+
+def batch_shardings(mesh: Mesh, batch) -> Any:
+    """Leading axis over the data-parallel devices for every array of the batch; scalars replicated."""
+    from var_jax.sharding import batch_sharding
+    return jax.tree.map(lambda x: batch_sharding(mesh, len(x.shape)) if len(x.shape) else replicated(mesh), batch)
+
+
+def jit_train_step(step_fn, layout: StateLayout, mesh: Mesh, batch_example, frozen_shardings=None):
+    """jax.jit of step_fn(state, batch, frozen) with explicit shardings; the state is donated.
+
+    `batch_example`: any pytree with the batch's shapes (arrays or ShapeDtypeStructs). Metrics are replicated."""
+    rep = replicated(mesh)
+    return jax.jit(step_fn,
+                   in_shardings=(layout.shardings, batch_shardings(mesh, batch_example), frozen_shardings),
+                   out_shardings=(layout.shardings, rep),
+                   donate_argnums=(0,))

@@ -84,7 +84,7 @@ def make_var_train_step(parts: ModelParts, tx: optax.GradientTransformation, ste
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = var_loss.var_metrics(logits, tokens, last_end - last_begin)
-        metrics.update(loss=loss, grad_norm=optax.global_norm(grads), **current_hyperparams(opt_state))
+        metrics.update(loss=loss, grad_norm=optax.tree.norm(grads), **current_hyperparams(opt_state))
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
     return train_step
