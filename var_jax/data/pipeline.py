@@ -46,14 +46,15 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
 
 def make_dataset(source, *, image_size: int, global_batch_size: int, seed: int, train: bool = True,
                  shard_index: int | None = None, shard_count: int | None = None, num_epochs: int | None = None,
-                 worker_count: int = 0, hflip: bool = False, drop_remainder: bool = True, num_threads: int = 16,
-                 prefetch_buffer_size: int = 500) -> grain.IterDataset:
+                 worker_count: int = 0, hflip: bool = False, drop_remainder: bool = True, num_threads: int = 8,
+                 prefetch_buffer_size: int = 8) -> grain.IterDataset:
     """Batches {'image': float32 (B, R, R, 3) in [-1, 1], 'label': int32 (B,)} for this host, B = global / hosts.
 
     train: seeded shuffle, random crops (and flips with `hflip`); otherwise source order and centre crops.
     num_epochs: None repeats forever. drop_remainder: the stream is cut to whole global batches, so every host
-    yields the same number of batches (needed with several hosts). worker_count > 0 decodes in that many grain
-    worker processes; num_threads / prefetch_buffer_size are grain's in-process read options.
+    yields the same number of batches (needed with several hosts). worker_count > 0 builds batches in that many
+    grain worker processes (same batches, same order). num_threads batches are built concurrently by threads
+    (in each worker), and up to prefetch_buffer_size batches are buffered: size it for memory.
     """
     shard_index, shard_count = resolve_shard(shard_index, shard_count)
     if len(source) == 0:
@@ -78,14 +79,24 @@ def make_dataset(source, *, image_size: int, global_batch_size: int, seed: int, 
                                                        hflip=hflip), seed=seed)
     else:
         dataset = dataset.map(functools.partial(_eval_example, image_size=image_size))
-    dataset = dataset[shard_index::shard_count]
-
-    read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size)
-    batches = dataset.to_iter_dataset(read_options).batch(global_batch_size // shard_count,
-                                                          drop_remainder=drop_remainder)
+    # Batched before the iterator, so that a batch is one element: grain worker processes then each build
+    # whole batches and interleave them back in order, and the batches do not depend on worker_count.
+    batches = dataset[shard_index::shard_count].batch(global_batch_size // shard_count,
+                                                      drop_remainder=drop_remainder)
+    batches = batches.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
+                                                        prefetch_buffer_size=prefetch_buffer_size))
     if worker_count > 0:
+        _use_default_absl_flags()
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return batches
+
+
+def _use_default_absl_flags():
+    """grain's worker processes read absl flags (--grain_*); outside absl.app (argparse CLI, pytest) nothing has
+    parsed them, so accept their defaults instead of failing."""
+    from absl import flags
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def checkpoint_save_args(iterator):
