@@ -18,6 +18,7 @@ give the same image whatever the batch size, batch position or number of devices
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -254,9 +255,11 @@ def generate(var, tokenizer, labels, keys, options: SampleOptions, edit=None, *,
     return out
 
 
+@functools.lru_cache(maxsize=16)
 def make_sample_fn(var_graphdef, tokenizer_graphdef, options: SampleOptions, *, decode: bool = True,
                    with_logits: bool = False):
-    """jit(fn(var_state, tokenizer_state, labels, image_ids, seed, edit=None) -> dict), see `generate`."""
+    """jit(fn(var_state, tokenizer_state, labels, image_ids, seed, edit=None) -> dict), see `generate`.
+    Cached: the same model structure and options reuse one compiled function."""
     options.validate()
 
     @jax.jit
