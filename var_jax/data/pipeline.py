@@ -113,7 +113,7 @@ def checkpoint_restore_args(iterator):
 def global_batch_from_host(local_batch, mesh):
     """This host's batch (a pytree of numpy arrays) -> global jax.Arrays, leading axis over the mesh's data axes.
 
-    The global batch is the concatenation of every host's local batch in process order."""
+    Each host's rows land on its own devices; the global batch size is local size × number of hosts."""
     import jax
     from var_jax.sharding import batch_sharding, data_parallel_size
 
