@@ -41,15 +41,15 @@ def conv(in_ch: int, out_ch: int, kernel_size: int, *, rngs: nnx.Rngs, stride: i
         in_ch, out_ch, (kernel_size, kernel_size), strides=stride,
         padding=((pad, pad), (pad, pad)) if padding is None else padding,
         kernel_init=init, bias_init=init, rngs=rngs,
-        kernel_metadata={"sharding_names": ("kernel", "kernel", "conv_in", "conv_out")},
-        bias_metadata={"sharding_names": ("conv_out",)},
+        kernel_metadata={"out_sharding": ("kernel", "kernel", "conv_in", "conv_out")},
+        bias_metadata={"out_sharding": ("conv_out",)},
     )
 
 
 def group_norm(channels: int, *, rngs: nnx.Rngs) -> nnx.GroupNorm:
     # use_fast_variance=False: E[(x-mean)^2] like PyTorch, not E[x^2]-mean^2 (which loses digits on large means).
     return nnx.GroupNorm(channels, num_groups=NORM_GROUPS, epsilon=1e-6, use_fast_variance=False, rngs=rngs,
-                         scale_metadata={"sharding_names": ("norm",)}, bias_metadata={"sharding_names": ("norm",)})
+                         scale_metadata={"out_sharding": ("norm",)}, bias_metadata={"out_sharding": ("norm",)})
 
 
 class ResnetBlock(nnx.Module):
@@ -201,13 +201,13 @@ class VQVAE(nnx.Module):
         self.quant_conv = conv(c, c, cfg.quant_conv_ks, rngs=rngs)
         self.codebook = nnx.Param(
             CODEBOOK_INIT_STD * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, (cfg.vocab_size, c)),
-            sharding_names=("vocab", "cvae"))
+            out_sharding=("vocab", "cvae"))
         # The Phi convs, stacked: (K, 3, 3, C, C) HWIO kernels and (K, C) biases; K = 0 when Phi is the identity.
         k = cfg.num_phi
         phi_init = _torch_default_uniform(c * 9)
         self.phi_kernels = nnx.Param(phi_init(rngs.params(), (k, 3, 3, c, c)),
-                                     sharding_names=("layers", "kernel", "kernel", "conv_in", "conv_out"))
-        self.phi_biases = nnx.Param(phi_init(rngs.params(), (k, c)), sharding_names=("layers", "conv_out"))
+                                     out_sharding=("layers", "kernel", "kernel", "conv_in", "conv_out"))
+        self.phi_biases = nnx.Param(phi_init(rngs.params(), (k, c)), out_sharding=("layers", "conv_out"))
         self.post_quant_conv = conv(c, c, cfg.quant_conv_ks, rngs=rngs)
         self.decoder = Decoder(cfg, rngs=rngs)
 
