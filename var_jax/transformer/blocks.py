@@ -32,12 +32,18 @@ def compute_dtype(cfg: VARConfig):
     return jnp.dtype(cfg.compute_dtype)
 
 
-def trunc_normal(std: float, factor=1.0):
-    """trunc_normal(std) times `factor` (a scalar, or an array broadcast against the last axis: per output unit)."""
-    base = jax.nn.initializers.truncated_normal(stddev=std)
+# torch.nn.init.trunc_normal_ cuts at ±2 in absolute units (not ±2σ): with the small stds used here it is
+# practically N(0, std²). jax.nn.initializers.truncated_normal cuts at ±2σ (std 0.88σ), so it is not used.
+TRUNC_BOUND = 2.0
 
+
+def trunc_normal(std: float, factor=1.0):
+    """torch-style trunc_normal_(std, a=-2, b=2) times `factor` (a scalar, or an array broadcast against the
+    last axis: one factor per output unit)."""
     def init(key, shape, dtype=jnp.float32):
-        return (base(key, shape, jnp.float32) * jnp.asarray(factor, jnp.float32)).astype(dtype)
+        bound = TRUNC_BOUND / std
+        draw = jax.random.truncated_normal(key, -bound, bound, shape, jnp.float32) * std
+        return (draw * jnp.asarray(factor, jnp.float32)).astype(dtype)
     return init
 
 
@@ -79,10 +85,10 @@ class SelfAttention(nnx.Module):
         self.heads, self.head_dim, self.l2_norm = H, cfg.head_dim, cfg.attn_l2_norm
         self.dtype, self.impl = compute_dtype(cfg), cfg.attention_impl
         self.mat_qkv = linear(cfg, C, 3 * C, ("embed", "qkv"), rngs=rngs, use_bias=False)
-        self.q_bias = nnx.Param(jnp.zeros((C,), jnp.float32), sharding_names=("qkv",))
-        self.v_bias = nnx.Param(jnp.zeros((C,), jnp.float32), sharding_names=("qkv",))
+        self.q_bias = nnx.Param(jnp.zeros((C,), jnp.float32), out_sharding=("qkv",))
+        self.v_bias = nnx.Param(jnp.zeros((C,), jnp.float32), out_sharding=("qkv",))
         if cfg.attn_l2_norm:
-            self.scale_mul = nnx.Param(jnp.full((H,), INIT_LOG_SCALE_MUL, jnp.float32), sharding_names=("heads",))
+            self.scale_mul = nnx.Param(jnp.full((H,), INIT_LOG_SCALE_MUL, jnp.float32), out_sharding=("heads",))
         self.proj = linear(cfg, C, C, ("heads", "embed"), rngs=rngs, factor=1 / math.sqrt(2 * cfg.depth))
 
     def qkv(self, h):
@@ -130,7 +136,7 @@ class AdaLNSelfAttn(nnx.Module):
         if cfg.shared_aln:
             # reference: randn(1,1,6,C)/sqrt(C), then the same gate / scale-shift factors as ada_lin
             gss = jax.random.normal(rngs.params(), (6 * C,), jnp.float32) / math.sqrt(C) * adaln_factors(cfg)
-            self.ada_gss = nnx.Param(gss, sharding_names=("ada",))
+            self.ada_gss = nnx.Param(gss, out_sharding=("ada",))
         else:
             self.ada_lin = linear(cfg, C, 6 * C, ("embed", "ada"), rngs=rngs, factor=adaln_factors(cfg))
 

@@ -56,7 +56,7 @@ class VARConfig:
             resolve("heads", self.depth)
         if self.drop_path_rate is None:
             resolve("drop_path_rate", 0.1 * self.depth / 24)
-        if self.init_std < 0:
+        if self.init_std < 0 and isinstance(self.width, int) and self.width > 0:
             resolve("init_std", math.sqrt(1.0 / (3 * self.width)))
         self.validate()
 

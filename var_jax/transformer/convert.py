@@ -156,27 +156,30 @@ def var_from_state_dict(sd, tokenizer_config=None, patch_nums=None, *, heads=Non
     used = set(_BUFFERS) | {f"blocks.{i}.attn.zero_k_bias" for i in range(cfg.depth)}
 
     def load(path, ref_key, how, per_block):
-        want = flat[path].value.shape
+        want = flat[path].get_value().shape
         if per_block:
             parts = []
             for i in range(cfg.depth):
                 key = f"blocks.{i}.{ref_key}"
                 if key not in sd:
                     raise KeyError(f"reference VAR state_dict: missing key {key!r}")
-                parts.append(_reference_to_ours(sd[key], how, want[1:]))
+                parts.append(_converted(key, how, want[1:], path))
                 used.add(key)
             array = np.stack(parts)
-            source = f"blocks.*.{ref_key}"
         else:
             if ref_key not in sd:
                 raise KeyError(f"reference VAR state_dict: missing key {ref_key!r}")
-            array = _reference_to_ours(sd[ref_key], how, want)
+            array = _converted(ref_key, how, want, path)
             used.add(ref_key)
-            source = ref_key
-        if array.shape != tuple(want):
-            raise ValueError(f"reference VAR state_dict: {source!r} gives shape {array.shape} for {'.'.join(map(str, path))}, "
-                             f"expected {tuple(want)}")
         flat[path].set_value(jax.numpy.asarray(array, jax.numpy.float32))
+
+    def _converted(key, how, want, path):
+        array, size = sd[key], int(np.prod(want))
+        expected = {"T": tuple(want[::-1]), None: tuple(want)}.get(how)   # "flat": any shape of that size
+        if (array.size != size) if how == "flat" else (array.shape != expected):
+            raise ValueError(f"reference VAR state_dict: {key!r} has shape {array.shape}, expected "
+                             f"{expected or f'{size} elements'} (for {'.'.join(map(str, path))} {tuple(want)})")
+        return _reference_to_ours(array, how, want)
 
     for path, (ref_key, how) in _top_table(cfg).items():
         load(path, ref_key, how, per_block=False)
@@ -185,7 +188,7 @@ def var_from_state_dict(sd, tokenizer_config=None, patch_nums=None, *, heads=Non
     unexpected = sorted(set(sd) - used)
     if unexpected:
         raise KeyError(f"reference VAR state_dict: unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-    missing = [p for p, v in flat.items() if isinstance(v.value, jax.ShapeDtypeStruct)]
+    missing = [p for p, v in flat.items() if isinstance(v.get_value(), jax.ShapeDtypeStruct)]
     if missing:
         raise KeyError(f"parameters not set by the conversion: {missing}")
     return cfg, nnx.merge(graphdef, nnx.from_flat_state(flat))

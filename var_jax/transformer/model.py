@@ -37,8 +37,8 @@ class VAR(nnx.Module):
         # the reference draws the position embeddings with sqrt(1/(3C)) whatever init_std is
         pos_std = math.sqrt(1.0 / (3 * C))
         self.pos_start = nnx.Param(trunc_normal(pos_std)(rngs.params(), (1, cfg.first_l, C)),
-                                   sharding_names=(None, "seq", "embed"))
-        self.pos_1LC = nnx.Param(trunc_normal(pos_std)(rngs.params(), (1, L, C)), sharding_names=(None, "seq", "embed"))
+                                   out_sharding=(None, "seq", "embed"))
+        self.pos_1LC = nnx.Param(trunc_normal(pos_std)(rngs.params(), (1, L, C)), out_sharding=(None, "seq", "embed"))
         # one embedding per scale ("level"), added to every token of that scale; the scale axis is seq-like
         self.lvl_embed = nnx.Embed(cfg.num_scales, C, dtype=jnp.float32, rngs=rngs, embedding_init=
                                    nnx.with_partitioning(trunc_normal(cfg.init_std), ("seq", "embed")))
@@ -147,29 +147,35 @@ class VAR(nnx.Module):
         dtype = compute_dtype(cfg) if dtype is None else dtype
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
-    def forward_cached(self, x, cond, cache, start, kv_len=None):
+    def forward_cached(self, x, cond, cache, start, kv_len=None, valid_len=None):
         """Run the block input x (B, l, C) of the sequence positions [start, start+l) against the KV cache.
 
-        Writes this block's keys/values into the cache and attends to cache positions [0, start+l) with no mask.
-        `start` a Python int: the cache is sliced statically to exactly start+l (exact work). `start` traced:
-        attention runs over a static `kv_len` (default L) positions with a mask of positions < start+l.
+        Writes this block's keys/values into the cache and attends to cache positions [0, start+valid_len) with no
+        mask (valid_len defaults to l; a smaller one lets x carry padding rows after its real tokens: they are
+        written to the cache, where the next block overwrites them, but never attended to).
+        `start` a Python int: the cache is sliced statically to exactly start+valid_len (exact work; valid_len
+        must then be an int too). `start` traced: attention runs over a static `kv_len` (default L) positions
+        with a mask of positions < start+valid_len (valid_len may be traced).
         cond is the class embedding (B, C). Returns (logits (B, l, V) float32, updated cache)."""
         cfg = self.cfg
-        l = x.shape[1]
         if x.ndim != 3 or x.shape[2] != cfg.width:
             raise ValueError(f"forward_cached: x must be (B, l, {cfg.width}), got {tuple(x.shape)}")
+        l = x.shape[1]
+        valid_len = l if valid_len is None else valid_len
         static = isinstance(start, (int, np.integer))
         if static:
-            stop = int(start) + l
-            if start < 0 or stop > cfg.seq_len:
-                raise ValueError(f"forward_cached: positions [{start}, {stop}) outside [0, {cfg.seq_len})")
-            mask = None
+            if not isinstance(valid_len, (int, np.integer)) or not 1 <= valid_len <= l:
+                raise ValueError(f"forward_cached: with a static start, valid_len must be an int in [1, {l}], "
+                                 f"got {valid_len!r}")
+            if start < 0 or start + l > cfg.seq_len:
+                raise ValueError(f"forward_cached: positions [{start}, {start + l}) outside [0, {cfg.seq_len})")
+            stop, mask = int(start) + int(valid_len), None
         else:
             kv_len = cfg.seq_len if kv_len is None else int(kv_len)
             if not l <= kv_len <= cfg.seq_len:
                 raise ValueError(f"forward_cached: kv_len must be in [{l}, {cfg.seq_len}], got {kv_len}")
             stop = kv_len
-            mask = (jnp.arange(kv_len) < start + l)[None, None, None, :]
+            mask = (jnp.arange(kv_len) < start + valid_len)[None, None, None, :]
         start_index = jnp.asarray(start, jnp.int32)
 
         def make_kv_fn(layer_cache):
