@@ -32,6 +32,16 @@ def fixture_bundle(name):
     return ModelBundle(tok_cfg, tokenizer, var_cfg, var)
 
 
+def run_command(name, argv):
+    """Run one var-jax command in-process (its module's own parser), as `python -m var_jax <name> ...` would."""
+    import argparse
+    import importlib
+    module = importlib.import_module(f"var_jax.cli.{name}")
+    parser = argparse.ArgumentParser(prog=name)
+    module.add_arguments(parser)
+    return module.run(parser.parse_args(argv))
+
+
 def split(bundle):
     from flax import nnx
     (vg, vs), (tg, ts) = nnx.split(bundle.var), nnx.split(bundle.tokenizer)
@@ -190,3 +200,37 @@ def test_labels_are_checked_and_grid_tiles_images():
     grid = image_grid(images, columns=3, padding=1)
     assert grid.shape == (2 * 5 + 1, 3 * 7 + 1, 3)
     np.testing.assert_array_equal(grid[6:10, 8:14], images[4])
+
+
+def test_sample_command_writes_adm_npz_and_resumes(tmp_path):
+    from var_jax.checkpoints import save_model_dir
+    from var_jax.cli import CommandError
+
+    bundle = fixture_bundle("tiny")
+    model_dir = save_model_dir(tmp_path / "model", tokenizer=(bundle.tokenizer_config, bundle.tokenizer),
+                               var=(bundle.var_config, bundle.var))
+    out = tmp_path / "samples"
+    argv = ["--checkpoint", str(model_dir), "--classes", "3,7,10", "--num-per-class", "2",
+            "--batch-size", "4", "--top-k", "5", "--seed", "1", "--out", str(out)]
+    with pytest.raises(CommandError, match=r"class ids \[10\] out of range"):   # 10 is the null class
+        run_command("sample", argv)
+    argv[3] = "3,7,9"
+    run_command("sample", argv)
+    with np.load(out / "samples.npz") as data:
+        images, labels = data["arr_0"], data["arr_1"]
+    assert images.shape == (6, 64, 64, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(labels, [3, 3, 7, 7, 9, 9])
+    assert (out / "grid.png").exists()
+    shards = sorted((out / "shards").glob("*.npz"))
+    assert len(shards) == 2
+    # an interrupted run: the second batch and the result are missing; the rerun redoes only that batch
+    stamp = shards[0].stat().st_mtime_ns
+    shards[1].unlink()
+    (out / "samples.npz").unlink()
+    run_command("sample", argv)
+    assert shards[0].stat().st_mtime_ns == stamp
+    with np.load(out / "samples.npz") as data:
+        np.testing.assert_array_equal(data["arr_0"], images)
+    # the same run with another batch size is refused, not mixed
+    with pytest.raises(CommandError, match=r"different settings \(batch_size\)"):
+        run_command("sample", argv[:-2] + ["--batch-size", "3"] + argv[-2:])

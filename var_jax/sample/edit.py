@@ -11,10 +11,13 @@ class the regenerated part is drawn towards that class.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 from flax import nnx
 
+from var_jax.data.transforms import to_model_range
 from var_jax.sample.masks import box_keep_mask, image_keep_mask, scale_keep_masks
 from var_jax.sample.runner import Sampler
 from var_jax.sample.sampler import SampleOptions
@@ -32,9 +35,13 @@ def source_tokens(tokenizer, images_uint8: np.ndarray) -> list[np.ndarray]:
         raise ValueError(f"images must be uint8 (B, {size}, {size}, 3) for this tokenizer, got "
                          f"{images.dtype} {images.shape}")
     graphdef, state = nnx.split(tokenizer)
-    encode = jax.jit(lambda state, x: image_to_tokens(nnx.merge(graphdef, state), x))
-    tokens = encode(state, images.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0))
+    tokens = _encoder(graphdef)(state, to_model_range(images))
     return [np.asarray(t) for t in tokens]
+
+
+@functools.lru_cache(maxsize=4)
+def _encoder(graphdef):
+    return jax.jit(lambda state, x: image_to_tokens(nnx.merge(graphdef, state), x))
 
 
 def keep_mask_for(latent_size: int, mode: str, box=None, mask=None) -> np.ndarray:

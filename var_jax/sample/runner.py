@@ -59,16 +59,17 @@ class Sampler:
     def _place(self, x):
         return x if self.mesh is None else jax.device_put(x, batch_sharding(self.mesh, np.ndim(x)))
 
-    def __call__(self, labels, image_ids=None, seed: int = 0, edit=None) -> dict:
+    def __call__(self, labels, image_ids=None, seed: int = 0, edit=None, pad_to: int | None = None) -> dict:
         """labels (B,) -> {'images': uint8 (B, H, W, 3), 'tokens': list of (B, pn²) int32[, 'logits']}.
         image_ids (default 0..B-1) pick each image's random stream; edit: (source_tokens, keep) per-scale lists of
-        (B, pn²) arrays (see edit.py)."""
+        (B, pn²) arrays (see edit.py). pad_to: run a batch of at least this size (a short last batch then reuses
+        the compiled full-batch function)."""
         labels = check_labels(labels, self.num_classes)
         batch = len(labels)
         image_ids = np.arange(batch) if image_ids is None else np.asarray(image_ids)
         if image_ids.shape != (batch,):
             raise ValueError(f"image_ids must have shape ({batch},) like labels, got {image_ids.shape}")
-        padded = -(-batch // self.batch_multiple) * self.batch_multiple
+        padded = -(-max(batch, pad_to or 0) // self.batch_multiple) * self.batch_multiple
         pad = lambda x: np.concatenate([x, np.repeat(x[-1:], padded - batch, axis=0)]) if padded > batch else x
         args = [self._place(pad(labels)), self._place(pad(image_ids.astype(np.uint32)))]
         if edit is not None:
