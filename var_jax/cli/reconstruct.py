@@ -10,6 +10,8 @@ Examples:
 """
 from __future__ import annotations
 
+import functools
+
 from pathlib import Path
 
 from var_jax.cli import CommandError
@@ -55,6 +57,13 @@ def load_images(source: str, image_size: int):
     return images
 
 
+@functools.cache
+def compiled_reconstruct_batch():
+    """`reconstruct_batch` under jit, built once per process so repeated runs reuse its compilations."""
+    import jax
+    return jax.jit(reconstruct_batch, static_argnums=0)
+
+
 def reconstruct_batch(graphdef, state, images):
     """images in [-1, 1] -> (reconstructions in [-1, 1], per-scale tokens); pure, jit with graphdef static."""
     from flax import nnx
@@ -97,7 +106,7 @@ def run(args):
     n, bs = len(images), args.batch_size
 
     graphdef, state = nnx.split(bundle.tokenizer)
-    step = jax.jit(reconstruct_batch, static_argnums=0)
+    step = compiled_reconstruct_batch()
     in_sharding = batch_sharding(mesh, 4)
     recs, tokens = [], [[] for _ in cfg.patch_nums]
     for start in tqdm(range(0, n, bs), desc="reconstruct", unit="batch"):
