@@ -34,6 +34,9 @@ def add_arguments(parser):
     parser.add_argument("--vae-key", help="entry holding the VQVAE state_dict inside --vae "
                                           "(dotted for .pth, e.g. trainer.vae_local; key prefix for .npz, e.g. vae)")
     parser.add_argument("--var-key", help="entry holding the VAR state_dict inside --var (as --vae-key)")
+    parser.add_argument("--var-heads", type=int,
+                        help="VAR attention heads; needed only for a checkpoint without attn_l2_norm (no "
+                             "scale_mul_1H11) whose width is not 64 x heads (the released models never need it)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
 
 
@@ -53,14 +56,14 @@ def run(args):
         var_sd = read_state_dict(args.var, args.var_key) if args.var else None
         if patch_nums is None and var_sd is not None:
             from var_jax.transformer.convert import config_from_state_dict
-            patch_nums = config_from_state_dict(var_sd).patch_nums
+            patch_nums = config_from_state_dict(var_sd, heads=args.var_heads).patch_nums
         tok_cfg, tokenizer = vqvae_from_state_dict(read_state_dict(args.vae, args.vae_key),
                                                    patch_nums=patch_nums or REFERENCE_PATCH_NUMS[256],
                                                    quant_resi=args.quant_resi)
         var = None
         if var_sd is not None:
             from var_jax.transformer.convert import var_from_state_dict
-            var = var_from_state_dict(var_sd, tok_cfg)
+            var = var_from_state_dict(var_sd, tok_cfg, heads=args.var_heads)
         out = save_model_dir(args.out, tokenizer=(tok_cfg, tokenizer), var=var, overwrite=args.overwrite)
     except (CheckpointError, KeyError, ValueError) as e:
         raise CommandError(str(e)) from None

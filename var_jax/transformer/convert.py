@@ -92,7 +92,8 @@ def _patch_nums_from(sd, seq_len: int, tokenizer_config, patch_nums):
 
 
 def config_from_state_dict(sd, tokenizer_config=None, patch_nums=None, *, heads=None, **overrides) -> VARConfig:
-    """Infer the VARConfig of a reference VAR state_dict (keys without a prefix)."""
+    """Infer the VARConfig of a reference VAR state_dict (keys without a prefix; numpy arrays or torch tensors)."""
+    sd = {k: _to_numpy(v) for k, v in sd.items()}
     def need(key, ndim):
         if key not in sd:
             raise KeyError(f"reference VAR state_dict: missing key {key!r}")
