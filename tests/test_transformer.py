@@ -161,6 +161,7 @@ def test_prefix_of_scales_equals_prefix_of_logits():
     np.testing.assert_allclose(forward(model, labels, teacher, num_scales=3), full[:, :end], atol=1e-5, rtol=0)
     np.testing.assert_allclose(forward(model, labels, teacher[:, :end - 1], num_scales=3), full[:, :end],
                                atol=1e-5, rtol=0)
+    np.testing.assert_allclose(forward(model, labels, teacher[:, :0], num_scales=1), full[:, :1], atol=1e-5, rtol=0)
     changed = teacher.copy()
     changed[:, end - 1:] += 1.0
     changed_logits = np.asarray(forward(model, labels, changed))
