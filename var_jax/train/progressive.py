@@ -74,7 +74,7 @@ def progressive_from_config(prog_cfg, num_scales: int, total_steps: int, warmup_
                                 ramp_steps=int(prog_cfg.ramp_steps))
     if sched.fraction < 0 or sched.fraction > 1:
         raise ValueError(f"progressive.fraction: must lie in [0, 1], got {sched.fraction}")
-    if not 0 <= sched.start_scale < num_scales:
+    if sched.fraction > 0 and not 0 <= sched.start_scale < num_scales:
         raise ValueError(f"progressive.start_scale: must lie in [0, {num_scales}), got {sched.start_scale}")
     return sched
 

@@ -1,0 +1,1 @@
+"""Training configs: `python -m var_jax train --config configs/NAME.py[:ARGS]`."""

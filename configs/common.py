@@ -1,0 +1,93 @@
+"""Pieces shared by the training configs: the argument-string parser and the fields every config has.
+
+A config file defines `get_config(arg=None)` returning an `ml_collections.ConfigDict`; `arg` is the text after
+the colon in `--config configs/NAME.py:ARG`, a comma-separated list of `key=value` (see `parse_arg`).
+"""
+from __future__ import annotations
+
+import ast
+
+import ml_collections
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """'depth=16,batch=768' -> ConfigDict, typed like `defaults`; an unknown key is an error."""
+    out = ml_collections.ConfigDict(defaults)
+    for item in filter(None, (arg or "").split(",")):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in defaults:
+            raise ValueError(f"config argument {item!r}: expected key=value with key one of {sorted(defaults)}")
+        default = defaults[key]
+        try:
+            parsed = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            parsed = value
+        if isinstance(default, bool):
+            parsed = str(value).lower() in ("1", "true", "yes")
+        elif isinstance(default, (int, float)) and not isinstance(parsed, (int, float)):
+            raise ValueError(f"config argument {key}: expected a number, got {value!r}")
+        out[key] = type(default)(parsed) if isinstance(default, (int, float, str)) else parsed
+    return out
+
+
+def optim_config(**overrides) -> ml_collections.ConfigDict:
+    """The reference VAR recipe (VAR_REFERENCE.md §4; utils/arg_util.py defaults)."""
+    cfg = ml_collections.ConfigDict(dict(
+        tblr=1e-4,               # lr = tblr · batch / 256
+        b1=0.9, b2=0.95, eps=1e-8,
+        warmup_steps=-1,         # >= 0 overrides warmup_fraction
+        warmup_fraction=0.02,    # the reference warms up for ep/50 epochs
+        wp0=0.005,               # warmup starts at wp0 · lr
+        wpe=0.1,                 # lin0 ends at wpe · lr (0.01 for d24+)
+        schedule="lin0",         # 'lin0' | 'constant'
+        wd=0.05, wd_end=0.05,    # weight decay: cosine from wd to wd_end (twde)
+        grad_clip=2.0,           # global norm; <= 0 disables
+    ))
+    cfg.update(overrides)
+    return cfg
+
+
+def var_model_config(depth: int, **overrides) -> ml_collections.ConfigDict:
+    """VAR transformer fields (var_jax.transformer.VARConfig). -1 / '' = derived: width, heads, drop-path and
+    init_adaln_gamma from depth (transformer.preset); num_classes from the dataset; vocab and latent channels
+    from the tokenizer."""
+    cfg = ml_collections.ConfigDict(dict(
+        depth=depth, width=-1, heads=-1, num_classes=-1, drop_path_rate=-1.0, init_adaln_gamma=-1.0,
+        cond_drop_rate=0.1, shared_aln=False, attn_l2_norm=True, mlp_ratio=4.0, init_adaln=0.5, init_head=0.02,
+        remat="none", attention_impl="xla",
+    ))
+    cfg.update(overrides)
+    return cfg
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+    """Fields of var_jax.data.build_source / make_dataset ('' = unset)."""
+    cfg = ml_collections.ConfigDict(dict(name="digits", path="", tfds_name="", split="", data_dir="", image_size=32,
+                                         hflip=False, worker_count=0))
+    cfg.update(overrides)
+    return cfg
+
+
+def base_config(stage: str = "var") -> ml_collections.ConfigDict:
+    """Fields every config has; the config files fill in the values."""
+    return ml_collections.ConfigDict(dict(
+        stage=stage,                 # 'tokenizer' | 'var'
+        seed=0,
+        total_steps=1000,
+        batch_size=64,               # global batch, over every host and device
+        log_every=10,
+        checkpoint_every=500,
+        keep_checkpoints=3,
+        sample_every=0,              # steps between PNG sample grids (0 = off)
+        num_sample_images=16,
+        mesh=(-1, 1, 1),             # (data, fsdp, tensor); one size may be -1
+        compute_dtype="auto",
+        peak_flops=0.0,              # per-device peak FLOP/s for MFU in the logs (0 = unknown)        # 'auto' (bfloat16 on GPU/TPU, float32 on CPU) | 'float32' | 'bfloat16'
+        tokenizer_checkpoint="",     # var stage: a model dir, or a tokenizer training workdir (uses WORKDIR/model)
+        patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+        data=data_config(),
+        optim=optim_config(),
+        loss=ml_collections.ConfigDict(dict(label_smoothing=0.0, scale_weights=())),
+        progressive=ml_collections.ConfigDict(dict(fraction=0.0, start_scale=4, ramp_steps=1)),
+    ))

@@ -1,0 +1,28 @@
+"""VAR on the embedded digits dataset (no download): a small transformer, minutes on a CPU.
+
+    python -m var_jax train --config configs/digits_var.py --workdir workdirs/digits_var \
+        --config.tokenizer_checkpoint=workdirs/digits_tokenizer
+    python -m var_jax train --config configs/digits_var.py:depth=2,batch=16 --workdir /tmp/v \
+        --config.tokenizer_checkpoint=workdirs/digits_tokenizer --config.total_steps=4 --config.mesh='(2,2,2)'
+
+The tokenizer (stage 1) must have the same patch_nums, ending at image_size / its downsampling factor.
+"""
+from configs import common
+
+
+def get_config(arg=None):
+    arg = common.parse_arg(arg, depth=4, width=128, batch=64, steps=3000, image_size=32)
+    config = common.base_config("var")
+    config.total_steps = arg.steps
+    config.batch_size = arg.batch
+    config.log_every = 20
+    config.checkpoint_every = 500
+    config.sample_every = 1000
+    config.patch_nums = (1, 2, 3, 4, 6, 8)     # override with --config.patch_nums='(1,2,3,4)'
+    config.tokenizer_checkpoint = "workdirs/digits_tokenizer"
+    config.data = common.data_config(name="digits", image_size=arg.image_size)
+    # small model: width and heads set explicitly (the depth->width rule gives 256 at depth 4)
+    config.model = common.var_model_config(arg.depth, width=arg.width, heads=max(arg.width // 64, 1),
+                                           drop_path_rate=0.0, init_adaln_gamma=1e-3)
+    config.optim = common.optim_config(tblr=1e-3, warmup_fraction=0.05)
+    return config

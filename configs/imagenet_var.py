@@ -1,0 +1,42 @@
+"""The reference VAR recipes on ImageNet 256 px (VAR_REFERENCE.md §4), by depth.
+
+    python -m var_jax train --config configs/imagenet_var.py:depth=16,data_path=/data/imagenet/train \
+        --workdir gs://bucket/var_d16 --config.tokenizer_checkpoint=checkpoints/vae_ch160v4096z32
+
+ARG keys: depth (16, 20, 24, 30), batch (global; default the recipe's), epochs (default the recipe's),
+data_path (an ImageFolder root; or set --config.data.name=tfds --config.data.tfds_name=imagenet2012).
+"""
+from configs import common
+
+IMAGENET_TRAIN_IMAGES = 1_281_167
+
+# depth -> (global batch, epochs, tblr, wpe, twde, alng): the README training commands.
+RECIPES = {
+    16: (768, 200, 1e-4, 0.1, 0.05, 1e-3),
+    20: (768, 250, 1e-4, 0.1, 0.05, 1e-3),
+    24: (768, 350, 8e-5, 0.01, 0.05, 1e-4),
+    30: (1024, 350, 8e-5, 0.01, 0.08, 1e-5),
+}
+
+
+def get_config(arg=None):
+    arg = common.parse_arg(arg, depth=16, batch=-1, epochs=-1, data_path="")
+    if arg.depth not in RECIPES:
+        raise ValueError(f"imagenet_var: depth must be one of {sorted(RECIPES)}, got {arg.depth}")
+    batch, epochs, tblr, wpe, twde, alng = RECIPES[arg.depth]
+    batch = batch if arg.batch <= 0 else arg.batch
+    epochs = epochs if arg.epochs <= 0 else arg.epochs
+
+    config = common.base_config("var")
+    config.batch_size = batch
+    config.total_steps = epochs * (IMAGENET_TRAIN_IMAGES // batch)
+    config.log_every = 100
+    config.checkpoint_every = 5000
+    config.sample_every = 20000
+    config.mesh = (1, -1, 1)    # FSDP over every device: d30 (2B params + Adam) does not fit replicated
+    config.tokenizer_checkpoint = ""
+    config.patch_nums = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    config.data = common.data_config(name="folder", path=arg.data_path, image_size=256, worker_count=8)
+    config.model = common.var_model_config(arg.depth, init_adaln_gamma=alng, remat="block")
+    config.optim = common.optim_config(tblr=tblr, wpe=wpe, wd=0.05, wd_end=twde, warmup_fraction=1 / 50)
+    return config

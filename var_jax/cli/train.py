@@ -1,0 +1,145 @@
+"""Train the tokenizer or the VAR transformer from a config file; rerun with the same --workdir to resume.
+
+    python -m var_jax train --config configs/digits_var.py --workdir workdirs/digits_var \\
+        --config.tokenizer_checkpoint=workdirs/digits_tokenizer
+    python -m var_jax train --config configs/imagenet_var.py:depth=16,data_path=/data/imagenet/train \\
+        --workdir runs/d16 --config.tokenizer_checkpoint=checkpoints/vae --config.total_steps=4 --config.mesh='(2,2,2)'
+
+--config FILE[:ARG]: a python file with get_config(ARG) (configs/common.py explains ARG). --config.KEY=VALUE
+(or --config.KEY VALUE) overrides any field, type-checked; an unknown KEY is an error. Multi-host: pass
+--distributed (TPU pods: everything auto-detected) or --coordinator_address/--num_processes/--process_id
+(see launch/README.md).
+"""
+import argparse
+import ast
+import sys
+
+OVERRIDE_PREFIX = "--config."
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("--config", required=True, metavar="FILE[:ARG]", help="config file, e.g. configs/digits_var.py")
+    parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard, samples, model/")
+    parser.add_argument("--distributed", action="store_true",
+                        help="call jax.distributed.initialize() (auto-detects TPU pods and SLURM)")
+    parser.add_argument("--coordinator_address", default=None, help="host:port of process 0 (multi-process)")
+    parser.add_argument("--num_processes", type=int, default=None)
+    parser.add_argument("--process_id", type=int, default=None)
+    parser.add_argument("--print_config", action="store_true", help="print the final config and exit")
+    # `--config.KEY=VALUE` overrides cannot be declared one by one: collect them before argparse sees them.
+    # (The dispatcher parses with parse_args; this parser instance hands its unknown `--config.*` strings over.)
+    plain_parse = parser.parse_known_args
+
+    def parse_known_args(args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        overrides, rest = split_overrides(args)
+        namespace, unknown = plain_parse(rest, namespace)
+        namespace.config_overrides = overrides
+        return namespace, unknown
+    parser.parse_known_args = parse_known_args
+
+
+def split_overrides(args):
+    """(['KEY=VALUE', ...], the other arguments) from an argument list."""
+    overrides, rest, i = [], [], 0
+    while i < len(args):
+        arg = args[i]
+        if arg.startswith(OVERRIDE_PREFIX):
+            key = arg[len(OVERRIDE_PREFIX):]
+            if "=" not in key:
+                if i + 1 >= len(args):
+                    raise SystemExit(f"var-jax train: error: {arg} needs a value")
+                key, i = f"{key}={args[i + 1]}", i + 1
+            overrides.append(key)
+        else:
+            rest.append(arg)
+        i += 1
+    return overrides, rest
+
+
+def load_config(spec: str):
+    """Import FILE, call get_config(ARG) (or get_config())."""
+    import importlib.util
+    from pathlib import Path
+
+    from var_jax.cli import CommandError
+    path, _, arg = spec.partition(":")
+    path = Path(path)
+    if not path.is_file():
+        raise CommandError(f"--config: no config file {path}")
+    root = str(path.resolve().parent.parent)   # so that `from configs import common` works
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    module_spec = importlib.util.spec_from_file_location(f"_var_jax_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise CommandError(f"--config: {path} defines no get_config()")
+    try:
+        return module.get_config(arg) if arg else module.get_config()
+    except (ValueError, KeyError, TypeError) as e:
+        raise CommandError(f"--config {spec}: {e}") from None
+
+
+def _parse_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def apply_overrides(config, overrides):
+    """Set KEY=VALUE pairs on a locked ConfigDict; unknown keys and wrong types are errors naming the key."""
+    from var_jax.cli import CommandError
+    config.lock()
+    for item in overrides:
+        key, _, text = item.partition("=")
+        *parents, leaf = key.split(".")
+        node = config
+        try:
+            for name in parents:
+                node = node[name]
+            if leaf not in node:
+                raise KeyError(leaf)
+            old, value = node[leaf], _parse_value(text)
+            if isinstance(old, str) and not isinstance(value, str):
+                value = text                     # e.g. a numeric-looking path
+            if isinstance(old, tuple) and isinstance(value, list):
+                value = tuple(value)
+            if isinstance(old, tuple) and isinstance(value, (int, float)):
+                value = (value,)
+            node[leaf] = value
+        except KeyError:
+            raise CommandError(f"--config.{key}: no such config field") from None
+        except (TypeError, ValueError) as e:
+            raise CommandError(f"--config.{key}={text}: {e}") from None
+    return config
+
+
+def maybe_initialize_distributed(args):
+    import jax
+    explicit = any(v is not None for v in (args.coordinator_address, args.num_processes, args.process_id))
+    if explicit:
+        jax.distributed.initialize(coordinator_address=args.coordinator_address, num_processes=args.num_processes,
+                                   process_id=args.process_id)
+    elif args.distributed:
+        jax.distributed.initialize()
+
+
+def run(args):
+    from var_jax.cli import CommandError
+    config = apply_overrides(load_config(args.config), getattr(args, "config_overrides", []))
+    if args.print_config:
+        print(config)
+        return 0
+    maybe_initialize_distributed(args)
+
+    from var_jax.checkpoints import CheckpointError
+    from var_jax.train.checkpointing import CheckpointMismatch
+    from var_jax.train.stage import ConfigError
+    from var_jax.train.trainer import train
+    try:
+        train(config, args.workdir)
+    except (ConfigError, CheckpointMismatch, CheckpointError) as e:
+        raise CommandError(str(e)) from None
+    return 0

@@ -1,0 +1,109 @@
+"""Where training metrics go: WORKDIR/metrics.jsonl (one JSON object per logged step), TensorBoard event files
+(WORKDIR/tensorboard, tensorboardX) and a tqdm progress bar with ETA. Only process 0 writes.
+
+On resume, metrics.jsonl is cut back to the steps at or before the restored checkpoint, so a run killed and
+restarted leaves the same file as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import jax
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def truncate_metrics(path: Path, last_step: int):
+    """Keep only the lines whose step is <= last_step (and drop a torn last line)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if int(record.get("step", -1)) <= last_step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def _plain(value):
+    value = float(value)
+    return value if math.isfinite(value) else str(value)
+
+
+class MetricLogger:
+    def __init__(self, workdir, *, total_steps: int, start_step: int, batch_size: int,
+                 tokens_per_example: int | None = None, flops_per_example: float | None = None,
+                 peak_flops: float | None = None, enabled: bool | None = None, progress: bool = True):
+        self.enabled = jax.process_index() == 0 if enabled is None else enabled
+        self.batch_size = batch_size
+        self.tokens_per_example = tokens_per_example
+        self.flops_per_example = flops_per_example
+        self.peak_flops = peak_flops
+        self._last_time, self._last_step = time.perf_counter(), start_step
+        self._file = self._tb = self._bar = None
+        if not self.enabled:
+            return
+        workdir = Path(workdir)
+        workdir.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(workdir / METRICS_FILE, start_step)
+        self._file = open(workdir / METRICS_FILE, "a")
+        from tensorboardX import SummaryWriter
+        self._tb = SummaryWriter(str(workdir / "tensorboard"))
+        if progress:
+            from tqdm import tqdm
+            self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
+
+    def tick(self, steps: int = 1):
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def throughput(self, step: int) -> dict:
+        """Images/s (and tokens/s, FLOP/s, MFU when known) since the previous call."""
+        now = time.perf_counter()
+        elapsed, steps = now - self._last_time, step - self._last_step
+        self._last_time, self._last_step = now, step
+        if steps <= 0 or elapsed <= 0:
+            return {}
+        images = steps * self.batch_size / elapsed
+        out = {"images_per_s": images, "step_time_s": elapsed / steps}
+        if self.tokens_per_example:
+            out["tokens_per_s"] = images * self.tokens_per_example
+        if self.flops_per_example:
+            out["flops_per_s"] = images * self.flops_per_example
+            if self.peak_flops:
+                out["mfu"] = out["flops_per_s"] / self.peak_flops
+        return out
+
+    def write(self, step: int, metrics: dict):
+        """Log scalars for `step` (device arrays are fetched here)."""
+        metrics = {k: _plain(v) for k, v in jax.device_get(metrics).items()}
+        if not self.enabled:
+            return metrics
+        record = {"step": int(step), **metrics}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        for key, value in metrics.items():
+            if isinstance(value, float):
+                self._tb.add_scalar(f"train/{key}", value, step)
+        if self._bar is not None:
+            shown = {k: metrics[k] for k in ("loss", "Accm", "lr", "images_per_s") if k in metrics}
+            self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if isinstance(v, float)})
+        return metrics
+
+    def add_image(self, tag: str, image_hwc, step: int):
+        if self.enabled:
+            self._tb.add_image(tag, image_hwc, step, dataformats="HWC")
+
+    def close(self):
+        if not self.enabled:
+            return
+        self._file.close()
+        self._tb.close()
+        if self._bar is not None:
+            self._bar.close()

@@ -1,0 +1,163 @@
+"""The training loop, for either stage; reads top to bottom as the story of a run:
+config -> mesh -> data -> stage (models, optimizer, step) -> restore or init -> loop (step, log, checkpoint,
+sample) -> final checkpoint and exported model directory (WORKDIR/model).
+
+Resuming: rerunning with the same workdir continues from the latest checkpoint (model, optimizer, step, RNG,
+data iterator position), so the resumed run sees the same batches and logs the same losses. SIGTERM (e.g. a
+preemption notice) saves a checkpoint at the current step and exits cleanly.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import signal
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from var_jax.train.stage import ConfigError, Stage, check_positive
+
+# config.stage -> "module:function" building the Stage (config, mesh, dataset_classes) -> Stage.
+STAGE_BUILDERS = {
+    "var": "var_jax.train.var_stage:build_var_stage",
+    "tokenizer": "var_jax.tokenizer.training.stage:build_tokenizer_stage",
+}
+MODEL_DIR = "model"
+
+
+def validate_config(config):
+    """Checks that need no model or data: fail fast, naming the field."""
+    if config.stage not in STAGE_BUILDERS:
+        raise ConfigError(f"stage: must be one of {sorted(STAGE_BUILDERS)}, got {config.stage!r}")
+    check_positive(config, "total_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints")
+    if int(config.sample_every) < 0:
+        raise ConfigError(f"sample_every: must be >= 0, got {config.sample_every}")
+
+
+def build_mesh(config):
+    from var_jax.sharding import make_mesh
+    try:
+        return make_mesh(tuple(config.mesh))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"mesh: {e}") from None
+
+
+def build_data(config):
+    """(iterator over this host's batches, number of classes) from `config.data`."""
+    from var_jax.data.pipeline import make_dataset
+    from var_jax.data.sources import build_source
+    data = {k: v for k, v in config.data.to_dict().items()}
+    try:
+        source, num_classes = build_source({k: v for k, v in data.items() if v not in ("", None)})
+        dataset = make_dataset(source, image_size=int(data["image_size"]), global_batch_size=int(config.batch_size),
+                               seed=int(config.seed), train=True, hflip=bool(data.get("hflip", False)),
+                               worker_count=int(data.get("worker_count", 0)))
+    except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
+        raise ConfigError(f"data: {e}") from None
+    return iter(dataset), num_classes
+
+
+def build_stage(config, mesh, num_classes) -> Stage:
+    module_name, _, fn_name = STAGE_BUILDERS[config.stage].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"stage: {config.stage!r} is not available in this build ({e})") from None
+    return getattr(module, fn_name)(config, mesh, num_classes)
+
+
+class _Preemption:
+    """Remembers a SIGTERM so the loop can checkpoint and exit between steps."""
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def any_process(self) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        from jax.experimental import multihost_utils
+        return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(config, workdir) -> dict:
+    """Run (or resume) training; returns the last logged metrics."""
+    from var_jax.train.checkpointing import TrainCheckpointer
+    from var_jax.train.logging import MetricLogger
+
+    workdir = Path(workdir)
+    validate_config(config)
+    mesh = build_mesh(config)
+    data_iter, num_classes = build_data(config)
+    stage = build_stage(config, mesh, num_classes)
+    if jax.process_index() == 0:
+        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+
+    checkpointer = TrainCheckpointer(workdir, keep=int(config.keep_checkpoints), model_config=stage.model_config)
+    checkpointer.check_model_config()
+    start = checkpointer.latest_step()
+    with jax.set_mesh(mesh):
+        if start is None:
+            start, state = 0, stage.init()
+        else:
+            state = checkpointer.restore(start, stage.layout.abstract, data_iter)
+    total = int(config.total_steps)
+    logger = MetricLogger(workdir, total_steps=total, start_step=start, batch_size=int(config.batch_size),
+                          tokens_per_example=stage.tokens_per_example, flops_per_example=stage.flops_per_example,
+                          peak_flops=float(config.get("peak_flops", 0.0)) * jax.device_count() or None)
+    if start == 0 and jax.process_index() == 0:
+        print(f"[train] {stage.describe}; mesh {dict(mesh.shape)}; {total} steps", flush=True)
+    elif jax.process_index() == 0:
+        print(f"[train] resuming from step {start} of {total}", flush=True)
+
+    preemption = _Preemption()
+    last = {}
+    step = start
+    try:
+        with jax.set_mesh(mesh):
+            while step < total:
+                batch = stage.make_batch(next(data_iter), step)
+                state, metrics = stage.step_fn(step)(state, batch, stage.frozen)
+                step += 1
+                logger.tick()
+                if step % int(config.log_every) == 0 or step == total:
+                    last = logger.write(step, {**metrics, **logger.throughput(step)})
+                if stage.sample is not None and step % int(config.sample_every) == 0:
+                    _write_samples(stage, state, step, workdir, logger)
+                stop = preemption.any_process()
+                if step % int(config.checkpoint_every) == 0 or step == total or stop:
+                    checkpointer.save(step, state, data_iter)
+                if stop:
+                    print(f"[train] SIGTERM: checkpoint saved at step {step}, exiting", flush=True)
+                    break
+        checkpointer.wait()
+        if step == total:
+            stage.export(state, workdir / MODEL_DIR)
+    finally:
+        preemption.restore()
+        checkpointer.close()
+        logger.close()
+    return last
+
+
+def _write_samples(stage: Stage, state, step: int, workdir: Path, logger):
+    from var_jax.sample.grid import image_grid, to_uint8
+    images = stage.sample(state, step)
+    if images is None or jax.process_index() != 0:
+        return
+    grid = image_grid(to_uint8(images))
+    from PIL import Image
+    (workdir / "samples").mkdir(exist_ok=True)
+    Image.fromarray(grid).save(workdir / "samples" / f"step_{step:08d}.png")
+    logger.add_image("samples", grid, step)
+
+
+def load_run_config(workdir) -> dict:
+    return json.loads((Path(workdir) / "config.json").read_text())

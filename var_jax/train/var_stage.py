@@ -1,0 +1,167 @@
+"""The VAR training stage: frozen tokenizer + VAR transformer, built from a config (see configs/common.py)."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from var_jax.sharding import replicated, state_shardings
+from var_jax.train import flops, optimizer
+from var_jax.train.progressive import progressive_from_config
+from var_jax.train.stage import ConfigError, Stage, check_batch_divides, resolve_compute_dtype
+from var_jax.train.state import abstract_train_state, init_train_state, jit_train_step, model_parts
+from var_jax.train.var_loss import token_weights
+from var_jax.train.var_step import VarStepConfig, make_tokenizer_fn, make_var_train_step
+
+# VARConfig fields that the config's `model` section may set; -1 means "derive" (see configs/common.py).
+_DERIVED = ("width", "heads", "num_classes", "drop_path_rate", "init_adaln_gamma")
+
+
+def resolve_tokenizer_dir(path: str) -> Path:
+    """A model directory, or a tokenizer training workdir whose exported model is WORKDIR/model."""
+    from var_jax.checkpoints import CONFIG_FILE
+    if not path:
+        raise ConfigError("tokenizer_checkpoint: required for the var stage (a model directory from "
+                          "`var-jax convert`, or a tokenizer training workdir)")
+    root = Path(path)
+    for candidate in (root, root / "model"):
+        if (candidate / CONFIG_FILE).is_file():
+            return candidate
+    raise ConfigError(f"tokenizer_checkpoint: {path} is neither a model directory (with {CONFIG_FILE}) nor a "
+                      f"training workdir containing model/{CONFIG_FILE}")
+
+
+def tokenizer_config_for(tok_cfg, config):
+    """The tokenizer's config with the run's patch_nums, checked against the image size."""
+    try:
+        cfg = dataclasses.replace(tok_cfg, patch_nums=tuple(int(p) for p in config.patch_nums))
+        if cfg.num_phi != tok_cfg.num_phi:
+            raise ValueError(f"a tokenizer with one Phi per scale (share_quant_resi=0) was trained with "
+                             f"{tok_cfg.num_scales} scales, not {cfg.num_scales}")
+        return cfg.validate(image_size=int(config.data.image_size))
+    except ValueError as e:
+        raise ConfigError(f"patch_nums: {e}") from None
+
+
+def var_config_from(config, tok_cfg, dataset_classes: int):
+    """VARConfig from the `model` section: -1 fields derived from depth, the tokenizer and the dataset."""
+    from var_jax.transformer import VARConfig, preset
+    m = dict(config.model)
+    num_classes = int(m.pop("num_classes"))
+    if num_classes == -1:
+        num_classes = dataset_classes
+    elif num_classes < dataset_classes:
+        raise ConfigError(f"model.num_classes: {num_classes} is smaller than the dataset's {dataset_classes} "
+                          f"classes (class ids up to {dataset_classes - 1} would be out of range)")
+    fields = {k: v for k, v in m.items() if not (k in _DERIVED and v == -1)}
+    fields.update(num_classes=num_classes, vocab_size=tok_cfg.vocab_size, z_channels=tok_cfg.z_channels,
+                  patch_nums=tuple(tok_cfg.patch_nums), compute_dtype=resolve_compute_dtype(config.compute_dtype))
+    depth = int(fields.pop("depth"))
+    try:
+        if 6 <= depth <= 36 and "width" not in fields:
+            return preset(depth, **fields)
+        return VARConfig(depth=depth, **fields)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"model: {str(e).replace('VARConfig.', 'model.')}") from None
+
+
+def build_var_stage(config, mesh, dataset_classes: int) -> Stage:
+    from var_jax.checkpoints import load_model_dir, save_model_dir
+    from var_jax.data.pipeline import global_batch_from_host
+    from var_jax.transformer import VAR
+
+    check_batch_divides(int(config.batch_size), mesh)
+    bundle = load_model_dir(resolve_tokenizer_dir(config.tokenizer_checkpoint), mesh=mesh)
+    if bundle.tokenizer is None:
+        raise ConfigError(f"tokenizer_checkpoint: {config.tokenizer_checkpoint} holds no tokenizer")
+    tok_cfg = tokenizer_config_for(bundle.tokenizer_config, config)
+    bundle.tokenizer.cfg = tok_cfg          # the run's patch_nums (same parameters; checked above)
+    var_cfg = var_config_from(config, tok_cfg, dataset_classes)
+    step_cfg = VarStepConfig(patch_nums=var_cfg.patch_nums, label_smoothing=float(config.loss.label_smoothing),
+                             scale_weights=tuple(config.loss.scale_weights) or None)
+    try:
+        token_weights(var_cfg.patch_nums, step_cfg.scale_weights)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        sched = progressive_from_config(config.progressive, var_cfg.num_scales, int(config.total_steps),
+                                        optimizer.warmup_steps(config.optim, int(config.total_steps)))
+        optimizer.learning_rate_schedule(config.optim, int(config.batch_size), int(config.total_steps))
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+    model_fn = lambda rngs: VAR(var_cfg, rngs=rngs)
+    parts = model_parts(model_fn)
+    tx = optimizer.make_optimizer(config.optim, batch_size=int(config.batch_size),
+                                  total_steps=int(config.total_steps), mask=optimizer.decay_mask(parts.param_vars))
+    layout = abstract_train_state(parts, tx, mesh)
+
+    tok_graphdef, tok_state = nnx.split(bundle.tokenizer)
+    tok_state = nnx.to_pure_dict(tok_state)
+    tok_shardings = nnx.to_pure_dict(state_shardings(nnx.split(bundle.tokenizer)[1], mesh))
+    tokenize = make_tokenizer_fn(tok_graphdef, tok_cfg)
+    image_size = int(config.data.image_size)
+    batch_example = {"image": jax.ShapeDtypeStruct((int(config.batch_size), image_size, image_size, 3), np.float32),
+                     "label": jax.ShapeDtypeStruct((int(config.batch_size),), np.int32)}
+    if sched.enabled:
+        batch_example["loss_ramp"] = jax.ShapeDtypeStruct((), np.float32)
+    compiled: dict[int, object] = {}
+
+    def step_fn(step: int):
+        prog_si = sched.scale_at(step)
+        if prog_si not in compiled:
+            cfg = dataclasses.replace(step_cfg, prog_si=prog_si)
+            compiled[prog_si] = jit_train_step(make_var_train_step(parts, tx, cfg, tokenize), layout, mesh,
+                                               batch_example, tok_shardings)
+        return compiled[prog_si]
+
+    def make_batch(local, step: int):
+        labels = np.asarray(local["label"])
+        if labels.size and (labels.min() < 0 or labels.max() >= var_cfg.num_classes):
+            raise ConfigError(f"model.num_classes: batch has class ids in [{labels.min()}, {labels.max()}], "
+                              f"outside [0, {var_cfg.num_classes})")
+        batch = global_batch_from_host({"image": local["image"], "label": labels.astype(np.int32)}, mesh)
+        if sched.enabled:
+            batch["loss_ramp"] = jax.make_array_from_process_local_data(replicated(mesh),
+                                                                        np.float32(sched.ramp_at(step)))
+        return batch
+
+    def export(state, directory):
+        save_model_dir(directory, tokenizer=(tok_cfg, bundle.tokenizer),
+                       var=(var_cfg, parts.merge(state.params)), overwrite=True)
+
+    sample_fn = _make_sampler(config, parts, var_cfg, bundle.tokenizer, tok_cfg)
+    return Stage(
+        name="var", layout=layout, init=lambda: init_train_state(model_fn, tx, layout, mesh, int(config.seed)),
+        step_fn=step_fn, make_batch=make_batch, frozen=tok_state, export=export,
+        model_config={"var": var_cfg.to_dict(), "tokenizer": tok_cfg.to_dict()},
+        tokens_per_example=var_cfg.seq_len, flops_per_example=flops.var_train_flops_per_example(var_cfg),
+        sample=sample_fn,
+        describe=f"VAR depth {var_cfg.depth} width {var_cfg.width} ({var_cfg.compute_dtype}), L={var_cfg.seq_len}, "
+                 f"V={var_cfg.vocab_size}")
+
+
+def _make_sampler(config, parts, var_cfg, tokenizer, tok_cfg):
+    """Class-conditional samples for the PNG grid (var_jax.sample), or None when sampling is off."""
+    if int(config.sample_every) <= 0:
+        return None
+    from var_jax.sample.sampler import SampleOptions, make_sample_fn
+
+    options = SampleOptions(cfg=1.5, top_k=min(900, var_cfg.vocab_size), top_p=0.96)
+    tok_graphdef, tok_state = nnx.split(tokenizer)
+    n = int(config.num_sample_images)
+
+    def sample(state, step: int):
+        var_graphdef, var_state = nnx.split(parts.merge(state.params))
+        fn = make_sample_fn(var_graphdef, tok_graphdef, options)
+        labels = np.arange(n, dtype=np.int32) % var_cfg.num_classes
+        out = fn(var_state, tok_state, labels, np.arange(n, dtype=np.int32), int(config.seed) + step)
+        images = out["images"]
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            images = multihost_utils.process_allgather(images, tiled=True)
+        return np.asarray(jax.device_get(images))
+    return sample
