@@ -315,7 +315,7 @@ def test_state_shardings_on_a_2x2x2_mesh():
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from conftest import load_fixture, state_dict
-from var_jax.sharding import make_mesh, state_shardings
+from var_jax.sharding import batch_sharding, make_mesh, state_shardings
 from var_jax.transformer.convert import var_from_state_dict
 arrays, _ = load_fixture("tiny_stress")
 cfg, model = var_from_state_dict(state_dict(arrays, "var"))
@@ -333,6 +333,12 @@ sharded = jax.device_put(state, state_shardings(state, mesh))
 qkv = dict(nnx.to_flat_state(sharded))[("blocks", "attn", "mat_qkv", "kernel")].get_value()
 print("qkv_shard_shape", qkv.addressable_shards[0].data.shape)
 print("maxdiff", float(jnp.abs(fwd(sharded, labels, teacher) - ref).max()))
+with jax.set_mesh(mesh):   # activation constraints apply under a mesh context
+    fwd_in_mesh = jax.jit(lambda s, l, t: nnx.merge(graphdef, s)(l, t))
+    out = fwd_in_mesh(sharded, jax.device_put(labels, batch_sharding(mesh, 1)),
+                      jax.device_put(teacher, batch_sharding(mesh, 3)))
+print("mesh_maxdiff", float(jnp.abs(out - ref).max()))
+print("logits_spec", tuple(out.sharding.spec))
 """
     out = dict(line.split(" ", 1) for line in run_with_devices(code, 8).strip().splitlines())
     assert out["blocks.attn.mat_qkv.kernel"] == "(None, 'fsdp', 'tensor')"
@@ -342,4 +348,5 @@ print("maxdiff", float(jnp.abs(fwd(sharded, labels, teacher) - ref).max()))
     assert out["head.kernel"] == "('fsdp', 'tensor')"
     assert out["pos_1LC"] == "(None, None, 'fsdp')"
     assert out["qkv_shard_shape"] == "(2, 32, 96)"   # (layers, C/fsdp, 3C/tensor)
-    assert float(out["maxdiff"]) < 1e-5
+    assert float(out["maxdiff"]) < 1e-5 and float(out["mesh_maxdiff"]) < 1e-5
+    assert out["logits_spec"] == "(('data', 'fsdp'), None, 'tensor')"

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from var_jax.sharding import constrain
 from var_jax.transformer.config import VARConfig
 
 # scale_mul is clamped at ln(100) before exp(): the attention temperature of the L2-normalised q/k never exceeds 100.
@@ -101,7 +102,8 @@ class SelfAttention(nnx.Module):
             temperature = jnp.exp(jnp.minimum(self.scale_mul[...], MAX_LOG_SCALE_MUL))
             q = (l2_normalize(q).astype(jnp.float32) * temperature[:, None]).astype(self.dtype)
             k = l2_normalize(k)
-        return q, k, v
+        heads_axes = ("batch", "seq", "heads", None)   # tensor parallelism splits the heads
+        return constrain(q, heads_axes), constrain(k, heads_axes), constrain(v, heads_axes)
 
     def attend(self, q, k, v, mask=None):
         """Attention of q (B, l, H, hd) over k/v (B, S, H, hd); mask broadcastable to (B, H, l, S), True = keep."""

@@ -15,8 +15,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from var_jax.sharding import constrain
 from var_jax.transformer.blocks import AdaLNBeforeHead, AdaLNSelfAttn, compute_dtype, linear, trunc_normal
 from var_jax.transformer.config import VARConfig
+
+
+# logical axes of the (B, l, C) residual stream (see var_jax/sharding.py)
+ACTIVATION_AXES = ("batch", "seq", None)
 
 
 def block_causal_mask(scale_ids) -> np.ndarray:
@@ -83,7 +88,8 @@ class VAR(nnx.Module):
 
     def logits(self, x, cond):
         """AdaLN head + output projection: (B, l, C) -> (B, l, V) float32."""
-        return self.head(self.head_nm(x, cond.astype(x.dtype))).astype(jnp.float32)
+        logits = self.head(self.head_nm(x, cond.astype(x.dtype))).astype(jnp.float32)
+        return constrain(logits, ("batch", "seq", "vocab"))
 
     # ---- the blocks ------------------------------------------------------------------------------------------
     def _run_blocks(self, x, cond, make_kv_fn, cache=None, dropout_key=None):
@@ -104,7 +110,9 @@ class VAR(nnx.Module):
                 keep = 1.0 - rate
                 masks = jax.random.bernoulli(key, keep, (2, x.shape[0], 1, 1))
                 drop_scales = (masks / keep).astype(x.dtype)  # stochastic depth, rescaled by 1/keep
-            return block(x, block_cond, make_kv_fn(layer_cache), drop_scales)
+            x, new_cache = block(x, block_cond, make_kv_fn(layer_cache), drop_scales)
+            # activations: batch over the data-parallel axes; the width stays whole (its mesh axis holds weights)
+            return constrain(x, ACTIVATION_AXES), new_cache
 
         if cfg.remat == "block":
             body = jax.checkpoint(body, prevent_cse=False)
@@ -132,7 +140,7 @@ class VAR(nnx.Module):
         cond = self.cond_embedding(labels)
         words = self.word_embed(teacher_input[:, :n_in].astype(jnp.float32)).astype(jnp.float32)
         x = jnp.concatenate([self.first_scale_input(cond), words + self._level_position(cfg.first_l, end)], axis=1)
-        x = x.astype(compute_dtype(cfg))
+        x = constrain(x.astype(compute_dtype(cfg)), ACTIVATION_AXES)
 
         mask = jnp.asarray(block_causal_mask(cfg.scale_ids[:end]))[None, None]
         make_kv_fn = lambda _: (lambda k, v: (k, v, mask, None))
