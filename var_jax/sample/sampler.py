@@ -27,6 +27,7 @@ from flax import nnx
 
 from var_jax.sample.filtering import draw_tokens, filter_logits, guidance_strength, mix_guidance, smooth_embedding
 from var_jax.sample.schedule import DEFAULT_WASTE_BUDGET, MODES, Segment, scale_plan
+from var_jax.sharding import constrain
 from var_jax.tokenizer import quantizer
 from var_jax.transformer.blocks import compute_dtype
 
@@ -236,8 +237,11 @@ def generate(var, tokenizer, labels, keys, options: SampleOptions, edit=None, *,
     cond = var.cond_embedding(rows_labels)
     qparams = tokenizer.quantizer_params()
     s = tok_cfg.latent_size
-    state = (var.init_cache(rows_labels.shape[0]), jnp.zeros((batch, s, s, tok_cfg.z_channels), jnp.float32),
-             var.first_scale_input(cond))
+    # rows (and an image's two guidance rows together) stay on the device that holds their image
+    cache = jax.tree.map(lambda c: constrain(c, ("layers", "batch", "seq", "heads", None)),
+                         var.init_cache(rows_labels.shape[0]))
+    f_hat = constrain(jnp.zeros((batch, s, s, tok_cfg.z_channels), jnp.float32), ("batch", None, None, None))
+    state = (cache, f_hat, var.first_scale_input(cond))
     walker = _ScaleWalker(var, qparams, tok_cfg, cond, keys, options, edit, with_logits)
     per_scale = []
     for seg in scale_plan(tok_cfg.patch_nums, options.mode, options.waste_budget):
