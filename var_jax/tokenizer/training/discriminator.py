@@ -37,6 +37,12 @@ def _norm(channels: int, rngs: nnx.Rngs) -> nnx.GroupNorm:
                          scale_metadata={"out_sharding": ("norm",)}, bias_metadata={"out_sharding": ("norm",)})
 
 
+def logit_grid_size(size: int, num_layers: int) -> int:
+    """Side of the logit grid for an input side `size`: each stride-2 4x4 conv (pad 1) halves it, each stride-1
+    one takes 1 off."""
+    return size // 2 ** num_layers - 2
+
+
 class PatchDiscriminator(nnx.Module):
     def __init__(self, in_channels: int = 3, base_channels: int = 64, num_layers: int = 3, *, rngs: nnx.Rngs):
         if num_layers < 1:
@@ -55,11 +61,7 @@ class PatchDiscriminator(nnx.Module):
         self.conv_out = _conv(cin, 1, 1, True, rngs)
 
     def output_size(self, size: int) -> int:
-        """Side of the logit grid for an input side `size`: stride-2 4x4 convs (pad 1) halve it, stride-1 ones
-        take 1 off."""
-        for stride in (2, *(conv.strides for conv in self.convs), 1):
-            size = size // 2 if stride == 2 else size - 1
-        return size
+        return logit_grid_size(size, len(self.convs))
 
     def __call__(self, images):
         """images (B, H, W, C) in [-1, 1] -> patch logits (B, h, w, 1)."""

@@ -98,24 +98,19 @@ def init_tokenizer_state(model_fn, tx, layout: StateLayout, mesh: Mesh, seed: in
         usage_updates=jax.device_put(jnp.zeros((), jnp.int32), layout.shardings.usage_updates))
 
 
-def warm_start(state: TokenizerTrainState, checkpoint_dir: str, layout: StateLayout) -> TokenizerTrainState:
-    """Replace the generator params by a converted / exported tokenizer's (`var_jax.checkpoints` model dir);
-    the optimizer state is untouched (fresh: its moments do not depend on the param values)."""
-    from var_jax.checkpoints import load_model_dir
-
-    bundle = load_model_dir(checkpoint_dir)
-    if bundle.tokenizer is None:
-        raise ValueError(f"warm_start: {checkpoint_dir} holds no tokenizer")
-    _, loaded, _ = split_model(bundle.tokenizer)
-    loaded = loaded.to_pure_dict()
+def warm_start(state: TokenizerTrainState, tokenizer: VQVAE, layout: StateLayout) -> TokenizerTrainState:
+    """Replace the generator params by those of a loaded tokenizer (e.g. `load_model_dir(dir).tokenizer`, from
+    `var-jax convert` or an earlier run); the optimizer state stays fresh (its moments do not depend on the
+    param values). Raises ValueError naming the parameters whose presence or shape differ."""
+    _, loaded, _ = split_model(tokenizer)
+    loaded = nnx.to_pure_dict(loaded)
     target = layout.abstract.params["generator"]
     want = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(target)}
     have = {jax.tree_util.keystr(p): x.shape for p, x in jax.tree_util.tree_leaves_with_path(loaded)}
     if want != have:
         problems = sorted(set(want) ^ set(have)) + sorted(k for k in set(want) & set(have) if want[k] != have[k])
-        raise ValueError(
-            f"warm_start: the tokenizer in {checkpoint_dir} ({bundle.tokenizer_config}) does not fit the configured "
-            f"tokenizer; differing parameters: {problems[:10]}{' ...' if len(problems) > 10 else ''}")
+        raise ValueError(f"warm start: the given tokenizer ({tokenizer.cfg}) does not fit the configured one; "
+                         f"differing parameters: {problems[:10]}{' ...' if len(problems) > 10 else ''}")
     generator = jax.device_put(loaded, layout.shardings.params["generator"])
     return state.replace(params={**state.params, "generator": generator})
 

@@ -1,0 +1,130 @@
+"""The trainer's tokenizer stage (`config.stage = 'tokenizer'`, see var_jax/train/stage.py for the contract).
+
+Config sections (configs/digits_tokenizer.py shows them all):
+  tokenizer             TokenizerConfig fields except patch_nums (the top-level `patch_nums` is used)
+  tokenizer_checkpoint  optional warm start: a model dir (`var-jax convert`) or a training workdir; the model's
+                        own hyper-parameters are then used and the `tokenizer` section is ignored
+  loss                  TokenizerLossConfig fields
+  discriminator         base_channels, num_layers (used when loss.disc_weight > 0)
+  lpips                 vgg_path, lin_path (needed when loss.lpips_weight > 0; nothing is downloaded)
+  optim, disc_optim     the optax recipe of var_jax.train.optimizer for the generator / the discriminator
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+from flax import nnx
+
+from var_jax.sharding import state_shardings
+from var_jax.tokenizer.config import TokenizerConfig
+from var_jax.tokenizer.training.discriminator import logit_grid_size
+from var_jax.tokenizer.training.state import (DiscriminatorConfig, TokenizerTrainModules, init_tokenizer_state,
+                                              make_tokenizer_optimizer, tokenizer_state_layout, warm_start)
+from var_jax.tokenizer.training.step import TokenizerLossConfig, make_tokenizer_train_step
+from var_jax.train import optimizer
+from var_jax.train.stage import ConfigError, Stage, check_batch_divides
+from var_jax.train.state import jit_train_step, model_parts, param_count
+
+
+def _section(config, name: str, cls):
+    try:
+        return cls(**dict(config[name]))
+    except (TypeError, ValueError, KeyError) as e:
+        raise ConfigError(f"{name}: {e}") from None
+
+
+def tokenizer_config_from(config):
+    """(TokenizerConfig, loaded VQVAE or None): from the warm-start checkpoint if given, else the config."""
+    image_size = int(config.data.image_size)
+    if config.get("tokenizer_checkpoint"):
+        from var_jax.checkpoints import load_model_dir
+        from var_jax.train.var_stage import resolve_tokenizer_dir, tokenizer_config_for
+        bundle = load_model_dir(resolve_tokenizer_dir(config.tokenizer_checkpoint))
+        if bundle.tokenizer is None:
+            raise ConfigError(f"tokenizer_checkpoint: {config.tokenizer_checkpoint} holds no tokenizer")
+        return tokenizer_config_for(bundle.tokenizer_config, config), bundle.tokenizer
+    fields = {**dict(config.tokenizer), "patch_nums": tuple(int(p) for p in config.patch_nums)}
+    try:
+        return TokenizerConfig(**fields).validate(image_size=image_size), None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"tokenizer: {str(e).replace('TokenizerConfig.', 'tokenizer.')}") from None
+
+
+def _lpips(config, loss_cfg, mesh):
+    """(merge fn, frozen params, their shardings), or Nones when LPIPS is off."""
+    if not loss_cfg.use_lpips:
+        return None, None, None
+    from var_jax.tokenizer.training.lpips import load_lpips
+    for field in ("vgg_path", "lin_path"):
+        if not config.lpips.get(field):
+            raise ConfigError(f"lpips.{field}: required when loss.lpips_weight > 0 (LPIPS weights are never "
+                              "downloaded: give a torchvision VGG16 state_dict and the lpips package's vgg.pth)")
+    try:
+        model = load_lpips(config.lpips.vgg_path, config.lpips.lin_path)
+    except (OSError, ValueError, KeyError) as e:
+        raise ConfigError(f"lpips: {e}") from None
+    graphdef, params = nnx.split(model)
+    shardings = nnx.to_pure_dict(state_shardings(params, mesh))
+    params = jax.device_put(nnx.to_pure_dict(params), shardings)
+    return (lambda p: nnx.merge(graphdef, p)), params, shardings
+
+
+def build_tokenizer_stage(config, mesh, dataset_classes: int) -> Stage:
+    from var_jax.checkpoints import save_model_dir
+    from var_jax.data.pipeline import global_batch_from_host
+
+    del dataset_classes   # the tokenizer ignores labels
+    batch_size, total_steps, image_size = int(config.batch_size), int(config.total_steps), int(config.data.image_size)
+    check_batch_divides(batch_size, mesh)
+    tok_cfg, pretrained = tokenizer_config_from(config)
+    if tok_cfg.dropout > 0:
+        raise ConfigError("tokenizer.dropout: the tokenizer trainer does not support dropout (set it to 0)")
+    loss_cfg = _section(config, "loss", TokenizerLossConfig)
+    try:
+        loss_cfg.validate()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    disc_cfg = None
+    if loss_cfg.use_gan:
+        disc_cfg = _section(config, "discriminator", DiscriminatorConfig)
+        if logit_grid_size(image_size, disc_cfg.num_layers) < 1:
+            raise ConfigError(f"discriminator.num_layers: {disc_cfg.num_layers} layers leave no patch logits on "
+                              f"{image_size} px images")
+    merge_lpips, lpips_params, lpips_shardings = _lpips(config, loss_cfg, mesh)
+    try:
+        for name in ("optim", "disc_optim"):
+            optimizer.learning_rate_schedule(config[name], batch_size, total_steps)
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"{name}: {e}") from None
+
+    model_fn = lambda rngs: TokenizerTrainModules(tok_cfg, disc_cfg, rngs=rngs)  # noqa: E731
+    parts = model_parts(model_fn)
+    tx = make_tokenizer_optimizer(parts, config.optim, config.disc_optim, batch_size=batch_size,
+                                  total_steps=total_steps)
+    layout = tokenizer_state_layout(parts, tx, mesh, tok_cfg)
+    step = jit_train_step(make_tokenizer_train_step(parts.merge, tx, tok_cfg, loss_cfg, merge_lpips), layout, mesh,
+                          {"image": jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), np.float32)},
+                          lpips_shardings)
+
+    def init():
+        state = init_tokenizer_state(model_fn, tx, layout, mesh, int(config.seed))
+        return state if pretrained is None else warm_start(state, pretrained, layout)
+
+    def export(state, directory):
+        save_model_dir(directory, tokenizer=(tok_cfg, parts.merge(state.params).generator), overwrite=True)
+
+    n_gen = param_count(layout.abstract.params["generator"])
+    extras = [f"GAN ({loss_cfg.gan_kind}, weight {loss_cfg.disc_weight}, from step {loss_cfg.disc_start})"
+              if loss_cfg.use_gan else "no GAN", f"LPIPS {loss_cfg.lpips_weight}" if loss_cfg.use_lpips else "no LPIPS"]
+    if pretrained is not None:
+        extras.append(f"warm start from {config.tokenizer_checkpoint}")
+    return Stage(
+        name="tokenizer", layout=layout, init=init, step_fn=lambda _: step,
+        make_batch=lambda local, _: global_batch_from_host({"image": local["image"]}, mesh),
+        frozen=lpips_params, export=export,
+        model_config={"tokenizer": tok_cfg.to_dict(),
+                      "discriminator": dataclasses.asdict(disc_cfg) if disc_cfg else None},
+        describe=f"tokenizer ch {tok_cfg.ch} x {tok_cfg.ch_mult}, V={tok_cfg.vocab_size}, Cvae={tok_cfg.z_channels}, "
+                 f"patch_nums {tok_cfg.patch_nums}, {n_gen:,} params; {', '.join(extras)}")
