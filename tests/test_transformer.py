@@ -90,14 +90,17 @@ def test_config_rejects_unknown_fields_and_depths():
 # ---- KV cache -----------------------------------------------------------------------------------------------------
 @nnx.jit(static_argnames=("traced",))
 def cached_logits(model, labels, teacher, starts, traced):
-    """Scale by scale through the KV cache. traced: the starts are traced values (masked attention over all L
+    """Scale by scale through the KV cache. traced: the starts are traced values (masked attention over kv_len
     cache positions); otherwise Python ints (the cache sliced to the exact length)."""
     cfg = model.cfg
     cond = model.cond_embedding(labels)
     cache, outs = model.init_cache(labels.shape[0], jnp.float32), []
     for si, (begin, end) in enumerate(cfg.scale_begin_ends):
         x = model.first_scale_input(cond) if si == 0 else model.scale_input(si, teacher[:, begin - 1:end - 1])
-        logits, cache = model.forward_cached(x, cond, cache, starts[si] if traced else begin, kv_len=cfg.seq_len)
+        # traced: attend over a static kv_len that covers this scale, shorter than L except at the last scale
+        # (kv_len = L with a traced start is exercised by test_kv_cache_padding_rows_are_ignored)
+        kv_len = min(end + 1, cfg.seq_len)
+        logits, cache = model.forward_cached(x, cond, cache, starts[si] if traced else begin, kv_len=kv_len)
         outs.append(logits)
     return jnp.concatenate(outs, axis=1)
 

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from var_jax.transformer.config import PATCH_NUMS_256, PATCH_NUMS_512, VARConfig
-from var_jax.transformer.model import VAR
+from var_jax.transformer.model import VAR, block_causal_mask
 
 _BUFFERS = ("lvl_1L", "attn_bias_for_masking")
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.(.+)$")
@@ -164,17 +164,17 @@ def var_from_state_dict(sd, tokenizer_config=None, patch_nums=None, *, heads=Non
                 key = f"blocks.{i}.{ref_key}"
                 if key not in sd:
                     raise KeyError(f"reference VAR state_dict: missing key {key!r}")
-                parts.append(_converted(key, how, want[1:], path))
+                parts.append(converted_array(key, how, want[1:], path))
                 used.add(key)
             array = np.stack(parts)
         else:
             if ref_key not in sd:
                 raise KeyError(f"reference VAR state_dict: missing key {ref_key!r}")
-            array = _converted(ref_key, how, want, path)
+            array = converted_array(ref_key, how, want, path)
             used.add(ref_key)
         flat[path].set_value(jax.numpy.asarray(array, jax.numpy.float32))
 
-    def _converted(key, how, want, path):
+    def converted_array(key, how, want, path):
         array, size = sd[key], int(np.prod(want))
         expected = {"T": tuple(want[::-1]), None: tuple(want)}.get(how)   # "flat": any shape of that size
         if (array.size != size) if how == "flat" else (array.shape != expected):
@@ -199,13 +199,12 @@ def var_to_state_dict(model: VAR) -> dict[str, np.ndarray]:
     """var-jax VAR -> the reference state_dict (float32 numpy; buffers included, so it loads strictly)."""
     cfg = model.cfg
     flat = {path: np.asarray(v.get_value(), np.float32) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-    C, L = cfg.width, cfg.seq_len
+    C = cfg.width
     sd: dict[str, np.ndarray] = {}
     for path, (ref_key, how) in _top_table(cfg).items():
         sd[ref_key] = flat[path].T if how == "T" else flat[path]
-    ids = np.asarray(cfg.scale_ids)
-    sd["lvl_1L"] = ids[None].astype(np.int64)
-    sd["attn_bias_for_masking"] = np.where(ids[None, :] <= ids[:, None], 0.0, -np.inf).astype(np.float32)[None, None]
+    sd["lvl_1L"] = np.asarray(cfg.scale_ids, np.int64)[None]
+    sd["attn_bias_for_masking"] = np.where(block_causal_mask(cfg.scale_ids), 0.0, -np.inf).astype(np.float32)[None, None]
     ref_shapes = {"attn.scale_mul_1H11": (1, cfg.heads, 1, 1), "ada_gss": (1, 1, 6, C)}
     for i in range(cfg.depth):
         for path, (ref_key, how) in _block_tables(cfg).items():
@@ -213,5 +212,4 @@ def var_to_state_dict(model: VAR) -> dict[str, np.ndarray]:
             sd[f"blocks.{i}.{ref_key}"] = array.T if how == "T" else (
                 array.reshape(ref_shapes[ref_key]) if how == "flat" else array)
         sd[f"blocks.{i}.attn.zero_k_bias"] = np.zeros((C,), np.float32)
-    assert sd["pos_1LC"].shape == (1, L, C)
     return sd
