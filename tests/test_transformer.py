@@ -65,7 +65,7 @@ def test_config_resolution_and_serialisation():
     assert len(cfg.scale_ids) == 680 and cfg.scale_ids[:6] == (0, 1, 1, 1, 1, 2) and cfg.scale_ids[-1] == 9
     assert VARConfig.from_dict(cfg.to_dict()) == cfg and hash(VARConfig.from_dict(cfg.to_dict())) == hash(cfg)
     assert preset(36).shared_aln and preset(36).seq_len == 2240 and preset(24).init_adaln_gamma == 1e-4
-    assert preset(12).width == 768 and preset(12, heads=6).head_dim == 128
+    assert preset(12).width == 768 and preset(12, heads=6).head_dim == 128 and preset(2).width == 128
 
 
 @pytest.mark.parametrize("kwargs, field", [
@@ -84,7 +84,7 @@ def test_config_rejects_unknown_fields_and_depths():
     with pytest.raises(ValueError, match="unknown field"):
         VARConfig.from_dict({"depth": 2, "widht": 64})
     with pytest.raises(ValueError, match="depth"):
-        preset(4)
+        preset(0)
 
 
 # ---- KV cache -----------------------------------------------------------------------------------------------------

@@ -143,10 +143,11 @@ class VARConfig:
 
 
 def preset(depth: int, **overrides) -> VARConfig:
-    """The reference model family: C = 64·depth, heads = depth, drop-path 0.1·depth/24, and the README's
-    init_adaln_gamma for the released depths. depth 36 is the released 512 px model (shared AdaLN)."""
-    if not 6 <= depth <= 36:
-        raise ValueError(f"preset: depth must be in [6, 36] (the reference model family), got {depth}")
+    """The reference model family (d6 … d36 in the paper; any depth >= 1 follows the same rule): C = 64·depth,
+    heads = depth, drop-path 0.1·depth/24, and the README's init_adaln_gamma for the released depths.
+    depth 36 is the released 512 px model (shared AdaLN)."""
+    if not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"preset: depth must be a positive int, got {depth!r}")
     kwargs: dict[str, Any] = {"depth": depth}
     if depth in RECIPE_INIT_ADALN_GAMMA:
         kwargs["init_adaln_gamma"] = RECIPE_INIT_ADALN_GAMMA[depth]
