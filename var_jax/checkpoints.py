@@ -56,7 +56,11 @@ def save_model_dir(directory, tokenizer=None, var=None, *, overwrite: bool = Fal
     directory = Path(directory).absolute()
     if directory.exists() and not overwrite:
         raise CheckpointError(f"{directory} already exists (pass overwrite=True to replace it)")
-    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex[:8]}"
+    # The same temporary name on every host (each writes its shards there); a stale one from a crash is removed.
+    tmp = directory.parent / f".{directory.name}.partial"
+    if jax.process_index() == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    _sync_hosts("var_jax.save_model_dir.start")
     config = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
               "tokenizer": tokenizer[0].to_dict() if tokenizer else None,
               "var": var[0].to_dict() if var else None}
@@ -74,7 +78,15 @@ def save_model_dir(directory, tokenizer=None, var=None, *, overwrite: bool = Fal
             shutil.rmtree(trash)
         else:
             os.rename(tmp, directory)
+    _sync_hosts("var_jax.save_model_dir.done")
     return directory
+
+
+def _sync_hosts(name: str):
+    import jax
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
 
 
 def read_model_config(directory) -> dict:
