@@ -1,0 +1,94 @@
+"""Bad configuration values fail before anything is compiled, with a message naming the field."""
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from conftest import REPO_ROOT
+from test_resume import tokenizer_dir  # noqa: F401  (module-scoped fixture: a tiny tokenizer model dir)
+from var_jax.train import trainer
+from var_jax.train.stage import ConfigError, check_batch_divides
+
+sys.path.insert(0, str(REPO_ROOT))
+from configs import digits_var  # noqa: E402
+
+
+@pytest.fixture
+def config(tokenizer_dir):  # noqa: F811
+    cfg = digits_var.get_config("depth=2,width=64,batch=8,steps=2,image_size=16")
+    cfg.tokenizer_checkpoint = str(tokenizer_dir)
+    cfg.patch_nums = (1, 2, 3, 4)
+    cfg.sample_every = 0
+    return cfg
+
+
+@pytest.fixture(autouse=True)
+def no_compile(monkeypatch):
+    """Every case must fail before the first compilation: make compiling itself an error."""
+    from var_jax.train import state
+    def refuse(*args, **kwargs):
+        raise AssertionError("compiled before the configuration was checked")
+    monkeypatch.setattr(state, "init_train_state", refuse)
+    monkeypatch.setattr(state, "jit_train_step", refuse)
+    import var_jax.train.var_stage as var_stage
+    monkeypatch.setattr(var_stage, "init_train_state", refuse)
+    monkeypatch.setattr(var_stage, "jit_train_step", refuse)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("patch_nums", (1, 2, 3, 5), r"patch_nums: .*must end at the latent size"),
+    ("model.heads", 3, r"model\.width: must be divisible by heads=3"),
+    ("model.num_classes", 5, r"model\.num_classes: 5 is smaller than the dataset's 10 classes"),
+    ("tokenizer_checkpoint", "/nonexistent/tok", r"tokenizer_checkpoint: /nonexistent/tok is neither"),
+    ("tokenizer_checkpoint", "", r"tokenizer_checkpoint: required"),
+    ("mesh", (3, 1, 1), r"mesh: .*needs 3 devices"),
+    ("total_steps", 0, r"total_steps: must be a positive integer"),
+    ("stage", "vae", r"stage: must be one of"),
+    ("loss.scale_weights", (1.0, 2.0), r"loss\.scale_weights: needs one weight per scale"),
+    ("optim.schedule", "cosine-ish", r"optim\.schedule"),
+    ("progressive.fraction", 1.5, r"progressive\.fraction"),
+])
+def test_bad_value_is_named(config, tmp_path, field, value, message):
+    *parents, leaf = field.split(".")
+    node = config
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    with pytest.raises(ConfigError, match=message):
+        trainer.train(config, tmp_path / "run")
+
+
+def test_missing_dataset_is_named(config, tmp_path):
+    config.data.name = "folder"
+    config.data.path = str(tmp_path / "no_such_dir")
+    with pytest.raises(ConfigError, match=r"data: .*'path'"):
+        trainer.train(config, tmp_path / "run")
+
+
+def test_batch_not_divisible_by_data_axes():
+    mesh = jax.sharding.AbstractMesh((2, 4, 1), ("data", "fsdp", "tensor"))
+    with pytest.raises(ConfigError, match=r"batch_size: 12 is not divisible by the 8 data-parallel devices"):
+        check_batch_divides(12, mesh)
+    check_batch_divides(16, mesh)
+
+
+def test_cli_rejects_unknown_and_mistyped_overrides(tmp_path):
+    base = [sys.executable, "-m", "var_jax", "train", "--config", "configs/digits_var.py", "--workdir", str(tmp_path)]
+    for extra, message in ((["--config.totl_steps=4"], "--config.totl_steps: no such config field"),
+                           (["--config.total_steps=four"], "--config.total_steps=four"),
+                           (["--config.optim.tblr", "abc"], "--config.optim.tblr=abc")):
+        proc = subprocess.run(base + extra, cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                              env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT)})
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert message in proc.stderr, proc.stderr[-2000:]
+
+
+def test_cli_overrides_apply_with_types(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "var_jax", "train", "--config", "configs/digits_var.py:depth=2",
+                           "--workdir", str(tmp_path), "--config.total_steps=4", "--config.mesh=(2,2,2)",
+                           "--config.optim.tblr", "3e-4", "--print_config"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=300, env={**__import__("os").environ, "PYTHONPATH": str(REPO_ROOT)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "total_steps: 4" in proc.stdout and "tblr: 0.0003" in proc.stdout
+    assert "- 2\n- 2\n- 2" in proc.stdout.replace("  ", "") or "mesh: !!python/tuple" in proc.stdout
