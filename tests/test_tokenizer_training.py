@@ -16,7 +16,7 @@ from var_jax.tokenizer import quantizer  # noqa: E402
 from var_jax.tokenizer.config import TokenizerConfig  # noqa: E402
 from var_jax.tokenizer.training import losses  # noqa: E402
 from var_jax.tokenizer.training.code_usage import restart_dead_codes  # noqa: E402
-from var_jax.tokenizer.training.discriminator import PatchDiscriminator  # noqa: E402
+from var_jax.tokenizer.training.discriminator import PatchDiscriminator, logit_grid_size  # noqa: E402
 from var_jax.tokenizer.training.lpips import VGG16_CONV_INDICES, LPIPS_SCALE, LPIPS_SHIFT, lpips_from_state_dicts  # noqa: E402
 from var_jax.tokenizer.training.state import (DiscriminatorConfig, TokenizerTrainModules, init_tokenizer_state,  # noqa: E402
                                               make_tokenizer_optimizer, tokenizer_state_layout, warm_start)
@@ -30,7 +30,7 @@ BATCH = 4
 LPIPS_WIDTHS = (4, 8, 8, 16, 16)
 
 
-def optim_config(lr=1e-3):
+def optim_config(lr=3e-3):
     return ml_collections.ConfigDict(dict(tblr=lr * 256 / BATCH, schedule="constant", warmup_steps=0, wp0=0.005,
                                           wpe=0.1, b1=0.5, b2=0.9, eps=1e-8, wd=0.0, wd_end=0.0, grad_clip=0.0))
 
@@ -87,11 +87,13 @@ def test_loss_config_errors_name_the_field():
 
 
 def test_discriminator_patch_grid_and_too_small_images():
-    disc = PatchDiscriminator(3, 8, 2, rngs=nnx.Rngs(0))
-    x = jnp.asarray(np.random.default_rng(2).uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
-    assert disc(x).shape == (2, disc.output_size(32), disc.output_size(32), 1) == (2, 6, 6, 1)
+    def logits(images):   # built and run abstractly: shapes only
+        return PatchDiscriminator(3, 8, 2, rngs=nnx.Rngs(0))(images)
+    x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    assert jax.eval_shape(logits, x).shape == (2, logit_grid_size(32, 2), logit_grid_size(32, 2), 1) == (2, 6, 6, 1)
+    assert jax.eval_shape(logits, jax.ShapeDtypeStruct((1, 45, 45, 3), jnp.float32)).shape[1] == logit_grid_size(45, 2)
     with pytest.raises(ValueError, match="too small"):
-        disc(x[:, :8, :8])
+        jax.eval_shape(logits, jax.ShapeDtypeStruct((2, 8, 8, 3), jnp.float32))
 
 
 # ---- LPIPS ------------------------------------------------------------------------------------------------------
@@ -103,7 +105,8 @@ def test_lpips_matches_a_float64_torch_reference():
     vgg, lin = random_lpips_state_dicts(rng)
     model = lpips_from_state_dicts(vgg, lin)
     x, y = (rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32) for _ in range(2))
-    ours = np.asarray(model(jnp.asarray(x), jnp.asarray(y)))
+    distance = jax.jit(lambda a, b: model(a, b))   # one compile instead of op-by-op dispatch
+    ours = np.asarray(distance(jnp.asarray(x), jnp.asarray(y)))
 
     def taps(img):
         t = torch.tensor(img, dtype=torch.float64).permute(0, 3, 1, 2)
@@ -126,7 +129,7 @@ def test_lpips_matches_a_float64_torch_reference():
         head = torch.tensor(lin[f"lin{k}.model.1.weight"], dtype=torch.float64)
         want = want + F.conv2d((na - nb) ** 2, head).mean((2, 3))[:, 0]
     np.testing.assert_allclose(ours, want.numpy(), rtol=1e-5)
-    assert float(model(jnp.asarray(x), jnp.asarray(x))[0]) == 0.0
+    assert float(distance(jnp.asarray(x), jnp.asarray(x))[0]) < 1e-6
 
 
 def test_lpips_rejects_mis_shaped_weights():
@@ -161,7 +164,7 @@ def test_dead_code_restart_replaces_exactly_the_dead_codes():
 
 # ---- the train step -------------------------------------------------------------------------------------------
 
-def build(loss_cfg, disc_cfg=None, seed=0, mesh_shape=(1, 1, 1)):
+def build(disc_cfg=None, seed=0, mesh_shape=(1, 1, 1)):
     model_fn = lambda rngs: TokenizerTrainModules(TINY, disc_cfg, rngs=rngs)  # noqa: E731
     parts = model_parts(model_fn)
     tx = make_tokenizer_optimizer(parts, optim_config(), optim_config(), batch_size=BATCH, total_steps=100)
@@ -169,6 +172,12 @@ def build(loss_cfg, disc_cfg=None, seed=0, mesh_shape=(1, 1, 1)):
     layout = tokenizer_state_layout(parts, tx, mesh, TINY)
     state = init_tokenizer_state(model_fn, tx, layout, mesh, seed)
     return parts, tx, layout, state
+
+
+@pytest.fixture(scope="module")
+def plain():
+    """(parts, tx, layout, state) of the tokenizer alone (no GAN)."""
+    return build()
 
 
 @pytest.fixture(scope="module")
@@ -180,9 +189,11 @@ def gan_run():
     lpips_params = nnx.to_pure_dict(lpips_params)
     merge_lpips = lambda p: nnx.merge(lpips_graphdef, p)  # noqa: E731
     loss_cfg = TokenizerLossConfig(recon_kind="l1", lpips_weight=0.5, disc_weight=0.8, disc_start=0)
-    parts, tx, layout, state = build(loss_cfg, DiscriminatorConfig(base_channels=8, num_layers=1))
+    parts, tx, layout, state = build(DiscriminatorConfig(base_channels=8, num_layers=1))
     step = jax.jit(make_tokenizer_train_step(parts.merge, tx, TINY, loss_cfg, merge_lpips))
-    images = jnp.asarray(rng.uniform(-1, 1, (BATCH, IMAGE, IMAGE, 3)), jnp.float32)
+    # smooth random images (4x4 noise, bilinearly upsampled): learnable in a few steps, unlike pixel noise
+    coarse = jnp.asarray(rng.uniform(-0.9, 0.9, (BATCH, 4, 4, 3)), jnp.float32)
+    images = jax.image.resize(coarse, (BATCH, IMAGE, IMAGE, 3), "linear")
     states, metrics = [state], []
     for _ in range(8):
         state, m = step(state, {"image": images}, lpips_params)
@@ -198,7 +209,6 @@ def test_first_step_metrics_match_a_direct_computation(gan_run):
     parts, params, images, lc = gan_run["parts"], gan_run["states"][0].params, gan_run["images"], gan_run["loss_cfg"]
     lpips_model = gan_run["merge_lpips"](gan_run["lpips_params"])
 
-    @jax.jit
     def direct(last_kernel):
         p = {**params, "generator": {**params["generator"], "decoder": {
             **params["generator"]["decoder"], "conv_out": {**params["generator"]["decoder"]["conv_out"],
@@ -214,10 +224,13 @@ def test_first_step_metrics_match_a_direct_computation(gan_run):
         hits = jnp.stack([jnp.bincount(t.ravel(), length=TINY.vocab_size) for t in tokens]).astype(jnp.float32)
         return recon + lc.lpips_weight * lp, (recon, lp, g_loss, hits)
 
-    kernel = params["generator"]["decoder"]["conv_out"]["kernel"]
-    nll_grad, (recon, lp, _, hits) = jax.grad(direct, has_aux=True)(kernel)
-    g_grad = jax.grad(lambda k: direct(k)[1][2])(kernel)
-    g_loss = direct(kernel)[1][2]
+    @jax.jit
+    def gradients(kernel):   # one compile for both gradients
+        nll_grad, aux = jax.grad(direct, has_aux=True)(kernel)
+        g_grad = jax.grad(lambda k: direct(k)[1][2])(kernel)
+        return nll_grad, g_grad, aux
+
+    nll_grad, g_grad, (recon, lp, g_loss, hits) = gradients(params["generator"]["decoder"]["conv_out"]["kernel"])
     want_weight = np.linalg.norm(nll_grad) / (np.linalg.norm(g_grad) + 1e-4) * lc.disc_weight
     m = gan_run["metrics"][0]
     np.testing.assert_allclose(m["disc_weight"], want_weight, rtol=1e-4)
@@ -233,7 +246,7 @@ def test_first_step_metrics_match_a_direct_computation(gan_run):
 
 def test_steps_reduce_reconstruction_loss_on_a_fixed_batch(gan_run):
     recon = [m["recon"] for m in gan_run["metrics"]]
-    assert recon[-1] < 0.9 * recon[0], recon
+    assert recon[-1] < 0.8 * recon[0], recon
     assert gan_run["metrics"][-1]["psnr"] > gan_run["metrics"][0]["psnr"]
 
 
@@ -241,14 +254,17 @@ def test_gan_path_updates_the_discriminator_and_its_loss_moves(gan_run):
     d_loss = np.array([m["d_loss"] for m in gan_run["metrics"]])
     assert np.all(np.isfinite(d_loss)) and np.ptp(d_loss) > 1e-3, d_loss
     first, last = gan_run["states"][0].params, gan_run["states"][-1].params
-    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), first["discriminator"], last["discriminator"])
-    assert min(jax.tree.leaves(moved)) > 0
+    moved = jax.tree_util.tree_map_with_path(
+        lambda path, a, b: float(jnp.max(jnp.abs(a - b))) if "kernel" in jax.tree_util.keystr(path) else 1.0,
+        first["discriminator"], last["discriminator"])
+    # every kernel moves (the last bias may not: while all |logits| < 1 its hinge gradients cancel exactly)
+    assert min(jax.tree.leaves(moved)) > 0, moved
     assert all(m["disc_factor"] == 1.0 for m in gan_run["metrics"])
 
 
-def test_step_requires_a_discriminator_exactly_when_the_gan_is_on():
+def test_step_requires_a_discriminator_exactly_when_the_gan_is_on(plain):
     loss_cfg = TokenizerLossConfig(disc_weight=0.5)
-    parts, tx, _, state = build(TokenizerLossConfig())
+    parts, tx, _, state = plain
     step = make_tokenizer_train_step(parts.merge, tx, TINY, loss_cfg)
     with pytest.raises(ValueError, match="discriminator exactly when"):
         step(state, {"image": jnp.zeros((BATCH, IMAGE, IMAGE, 3))}, None)
@@ -258,13 +274,13 @@ def test_step_requires_a_discriminator_exactly_when_the_gan_is_on():
 
 # ---- warm start -----------------------------------------------------------------------------------------------
 
-def test_warm_start_loads_a_saved_tokenizer(tmp_path):
+def test_warm_start_loads_a_saved_tokenizer(tmp_path, plain):
     from var_jax.checkpoints import load_model_dir, save_model_dir
     from var_jax.tokenizer.vqvae import VQVAE
 
     saved = VQVAE(TINY, rngs=nnx.Rngs(7))
     save_model_dir(tmp_path / "model", tokenizer=(TINY, saved))
-    _, _, layout, state = build(TokenizerLossConfig())
+    _, _, layout, state = plain
     warm = warm_start(state, load_model_dir(tmp_path / "model").tokenizer, layout)
     want = nnx.to_pure_dict(nnx.state(saved, nnx.Param))
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),

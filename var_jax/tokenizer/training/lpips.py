@@ -93,7 +93,7 @@ def _lin_weight(lin_sd, k):
 def lpips_from_state_dicts(vgg_sd, lin_sd) -> LPIPS:
     """Build LPIPS from a torchvision VGG16 state_dict and the lpips linear-head state_dict (numpy arrays)."""
     widths = _vgg_widths(vgg_sd)
-    model = LPIPS(widths, rngs=nnx.Rngs(0))
+    model = nnx.eval_shape(lambda: LPIPS(widths, rngs=nnx.Rngs(0)))   # structure only: every value is set below
     cin = 3
     for k, (convs, indices) in enumerate(zip(model.blocks, VGG16_CONV_INDICES)):
         for conv, index in zip(convs, indices):
@@ -102,13 +102,13 @@ def lpips_from_state_dicts(vgg_sd, lin_sd) -> LPIPS:
             if w.shape != (widths[k], cin, 3, 3) or b.shape != (widths[k],):
                 raise ValueError(f"VGG16 features.{index}: weight {w.shape} / bias {b.shape}, expected "
                                  f"{(widths[k], cin, 3, 3)} / {(widths[k],)}")
-            conv.kernel[...] = jnp.asarray(w.transpose(2, 3, 1, 0))   # (O, I, kh, kw) -> (kh, kw, I, O)
-            conv.bias[...] = jnp.asarray(b)
+            conv.kernel.set_value(jnp.asarray(w.transpose(2, 3, 1, 0)))   # (O, I, kh, kw) -> (kh, kw, I, O)
+            conv.bias.set_value(jnp.asarray(b))
             cin = widths[k]
         lin = _lin_weight(lin_sd, k)
         if lin.shape != (1, widths[k], 1, 1):
             raise ValueError(f"LPIPS lin{k} weight has shape {lin.shape}, expected {(1, widths[k], 1, 1)}")
-        model.heads[k][...] = jnp.asarray(lin.reshape(-1))
+        model.heads[k].set_value(jnp.asarray(lin.reshape(-1)))
     return model
 
 
