@@ -86,21 +86,53 @@ class AttnBlock(nnx.Module):
         return x + self.proj_out(out.reshape(b, h, w, c))
 
 
+def _conv_nhwc(x, kernel, padding):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
 class Downsample(nnx.Module):
     def __init__(self, channels: int, *, rngs: nnx.Rngs):
         # The reference pads right and bottom by one (not symmetric) before a stride-2 3x3 conv.
         self.conv = conv(channels, channels, 3, rngs=rngs, stride=2, padding=((0, 1), (0, 1)))
 
     def __call__(self, x):
-        return self.conv(x)
+        if x.shape[1] % 2 or x.shape[2] % 2:
+            return self.conv(x)
+        # Same sum, regrouped by input phase (row parity, column parity): four stride-1 convs over the
+        # subsampled phases use exactly the 9 taps. XLA:CPU's stride-2 conv runs ~3x below its stride-1 rate at
+        # 256 px; this form is ~2x faster there (summation order differs: float32 rounding only).
+        k = self.conv.kernel[...]
+        out = _conv_nhwc(x[:, 0::2, 0::2], k[0::2, 0::2], ((0, 1), (0, 1)))       # taps (0|2, 0|2)
+        out = out + _conv_nhwc(x[:, 0::2, 1::2], k[0::2, 1:2], ((0, 1), (0, 0)))  # taps (0|2, 1)
+        out = out + _conv_nhwc(x[:, 1::2, 0::2], k[1:2, 0::2], ((0, 0), (0, 1)))  # taps (1, 0|2)
+        out = out + _conv_nhwc(x[:, 1::2, 1::2], k[1:2, 1:2], ((0, 0), (0, 0)))   # tap (1, 1)
+        return out + self.conv.bias[...]
+
+
+def _fold_taps(kernel, axis: int, phase: int):
+    """3 taps along `axis` -> the 2 that output phase `phase` of a nearest-x2 upsample sees in the low-res input."""
+    t0, t1, t2 = (jnp.take(kernel, i, axis=axis) for i in range(3))
+    return jnp.stack([t0, t1 + t2] if phase == 0 else [t0 + t1, t2], axis=axis)
 
 
 class Upsample(nnx.Module):
+    """Nearest x2 then a 3x3 conv, computed as a sub-pixel conv on the low-res input.
+
+    Output pixel (2i+a, 2j+b) sees only the low-res 2x2 neighbourhood rows {i-1, i} (a=0) or {i, i+1} (a=1) (same
+    for columns), with the 3x3 taps summed accordingly. Four 2x2 convs do 16/36 of the FLOPs of the 3x3 conv at
+    full resolution and never materialise the upsampled input. Equal up to float32 rounding (taps summed first).
+    """
+
     def __init__(self, channels: int, *, rngs: nnx.Rngs):
         self.conv = conv(channels, channels, 3, rngs=rngs)
 
     def __call__(self, x):
-        return self.conv(jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))   # nearest x2
+        b, h, w, c = x.shape
+        k = self.conv.kernel[...]
+        phases = [[_conv_nhwc(x, _fold_taps(_fold_taps(k, 0, pa), 1, pb), ((1 - pa, pa), (1 - pb, pb)))
+                   for pb in (0, 1)] for pa in (0, 1)]
+        out = jnp.stack([jnp.stack(row, axis=3) for row in phases], axis=2)   # (B, h, a, w, b, C)
+        return out.reshape(b, 2 * h, 2 * w, k.shape[-1]) + self.conv.bias[...]
 
 
 class Level(nnx.Module):
