@@ -1,5 +1,7 @@
 """On 8 simulated CPU devices, the VAR train step (on-the-fly tokenisation included) gives the same losses and
 updated parameters on the meshes (8,1,1), (2,4,1), (2,2,2), (1,1,8) as on one device, over several steps."""
+import numpy as np
+
 from conftest import run_with_devices
 
 CODE = r"""
@@ -85,3 +87,41 @@ def test_meshes_match_single_device():
     # the meshes really shard: FSDP splits `embed`, tensor parallelism splits `mlp`/`vocab`
     assert any("fsdp" in s for s in result["(2, 4, 1)"]["specs"])
     assert any("tensor" in s for s in result["(1, 1, 8)"]["specs"])
+
+
+def test_local_multiprocess_launcher(tmp_path):
+    """launch/local_multiprocess.sh: 2 processes × 2 CPU devices joined by jax.distributed give the same losses
+    as one process with 4 devices (the multi-host path: per-host data shards, global batch assembly,
+    cross-process collectives and checkpoints). Opt-in (VAR_JAX_SLOW_TESTS=1): about a minute idle, more loaded."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    from conftest import REPO_ROOT
+    if os.environ.get("VAR_JAX_SLOW_TESTS") != "1":
+        pytest.skip("set VAR_JAX_SLOW_TESTS=1 to run the 2-process launcher test")
+    from flax import nnx
+
+    from var_jax.checkpoints import save_model_dir
+    from var_jax.tokenizer.config import TokenizerConfig
+    from var_jax.tokenizer.vqvae import VQVAE
+    cfg = TokenizerConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
+                          patch_nums=(1, 2, 3, 4))
+    save_model_dir(tmp_path / "tok", tokenizer=(cfg, VQVAE(cfg, rngs=nnx.Rngs(0))))
+    args = ["--config", "configs/digits_var.py:depth=2,width=64,batch=8,image_size=16",
+            f"--config.tokenizer_checkpoint={tmp_path / 'tok'}", "--config.patch_nums=(1,2,3,4)",
+            "--config.total_steps=3", "--config.log_every=1", "--config.sample_every=0", "--config.mesh=(2,2,1)"]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), LOG_DIR=str(tmp_path), PORT=str(12000 + os.getpid() % 1000))
+    multi = subprocess.run(["bash", "launch/local_multiprocess.sh", *args, "--workdir", str(tmp_path / "multi")],
+                           cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    single = subprocess.run([sys.executable, "-m", "var_jax", "train", *args, "--workdir", str(tmp_path / "single")],
+                            cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
+                            env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+    assert single.returncode == 0, single.stderr[-3000:]
+    read = lambda d: [json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+    assert len(read("multi")) == 3
+    np.testing.assert_allclose(read("multi"), read("single"), rtol=1e-5)

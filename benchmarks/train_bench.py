@@ -1,0 +1,229 @@
+"""VAR train-step throughput and memory.
+
+    python benchmarks/train_bench.py                      # d8, 256 px, batch 4, this machine's devices
+    python benchmarks/train_bench.py --depth 16 --batch 8 --steps 3 --memory-depths ''
+
+1. Measures this machine's float32 matmul peak (a big jitted matmul), then times the d8 train step at 256 px
+   (patch_nums up to 16, V 4096, Cvae 32) with and without on-the-fly tokenisation (the released tokenizer's
+   shape, random weights): s/step, images/s, tokens/s, achieved FLOP/s (analytic VAR count, and XLA's own
+   count of the whole compiled step) and MFU against the measured peak.
+2. Per-device memory of the compiled step for d16 and d30 on a simulated 8-device FSDP mesh: compile only
+   (`.lower().compile().memory_analysis()` on abstract params; nothing is allocated), in a subprocess.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+
+
+def optim_config():
+    from configs.common import optim_config as reference
+    return reference(warmup_steps=1)
+
+
+def measure_matmul_peak(n: int = 2048, reps: int = 10) -> float:
+    """float32 FLOP/s of a jitted n×n matmul chain (best of a few timings)."""
+    import jax
+    import jax.numpy as jnp
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n), jnp.float32)
+
+    @jax.jit
+    def chain(a, b):
+        for _ in range(reps):
+            a = (a @ b) * (1.0 / n)
+        return a
+    chain(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(3):
+        t = time.perf_counter()
+        chain(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 * reps / best
+
+
+def build(depth: int, batch: int, mesh, *, with_tokenizer: bool, remat: str = "none", abstract: bool = False):
+    """(jitted step, layout, frozen tokenizer state or abstract, tokenizer fn, VARConfig, tokenizer parts)."""
+    import jax
+    from flax import nnx
+
+    from var_jax.sharding import state_shardings
+    from var_jax.tokenizer.config import TokenizerConfig
+    from var_jax.tokenizer.vqvae import VQVAE
+    from var_jax.train import optimizer
+    from var_jax.train.stage import resolve_compute_dtype
+    from var_jax.train.state import abstract_train_state, jit_train_step, model_parts
+    from var_jax.train.var_step import VarStepConfig, make_tokenizer_fn, make_var_train_step
+    from var_jax.transformer import VAR, preset
+
+    tok_cfg = TokenizerConfig()                  # the released tokenizer's shape
+    var_cfg = preset(depth, num_classes=1000, vocab_size=tok_cfg.vocab_size, z_channels=tok_cfg.z_channels,
+                     patch_nums=tok_cfg.patch_nums, compute_dtype=resolve_compute_dtype("auto"), remat=remat)
+    parts = model_parts(lambda rngs: VAR(var_cfg, rngs=rngs))
+    tx = optimizer.make_optimizer(optim_config(), batch_size=batch, total_steps=1000,
+                                  mask=optimizer.decay_mask(parts.param_vars))
+    layout = abstract_train_state(parts, tx, mesh)
+
+    tok_abstract = nnx.eval_shape(lambda: VQVAE(tok_cfg, rngs=nnx.Rngs(0)))
+    tok_graphdef, tok_vars = nnx.split(tok_abstract)
+    tok_shardings = nnx.to_pure_dict(state_shardings(tok_vars, mesh))
+    if abstract:
+        tok_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                 nnx.to_pure_dict(tok_vars), tok_shardings)
+    else:
+        tok_state = jax.jit(lambda: nnx.to_pure_dict(nnx.split(VQVAE(tok_cfg, rngs=nnx.Rngs(0)))[1]),
+                            out_shardings=tok_shardings)()
+    tokenize = make_tokenizer_fn(tok_graphdef, tok_cfg)
+    size, L = tok_cfg.image_size, var_cfg.seq_len
+    if with_tokenizer:
+        batch_example = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), "float32"),
+                         "label": jax.ShapeDtypeStruct((batch,), "int32")}
+    else:
+        batch_example = {"tokens": jax.ShapeDtypeStruct((batch, L), "int32"),
+                         "teacher_input": jax.ShapeDtypeStruct((batch, L - 1, var_cfg.z_channels), "float32"),
+                         "label": jax.ShapeDtypeStruct((batch,), "int32")}
+    step_fn = make_var_train_step(parts, tx, VarStepConfig(patch_nums=var_cfg.patch_nums),
+                                  tokenize if with_tokenizer else None)
+    step = jit_train_step(step_fn, layout, mesh, batch_example, tok_shardings if with_tokenizer else None)
+    return step, layout, tok_state, tokenize, var_cfg, batch_example, parts, tx
+
+
+def time_steps(depth: int, batch: int, steps: int, peak: float) -> list[dict]:
+    import jax
+    import numpy as np
+
+    from var_jax.data.pipeline import global_batch_from_host
+    from var_jax.sharding import make_mesh
+    from var_jax.train import flops
+    from var_jax.train.state import init_train_state
+    from var_jax.transformer import VAR
+
+    mesh = make_mesh((-1, 1, 1))
+    rng = np.random.default_rng(0)
+    images = np.tanh(rng.normal(size=(batch, 256, 256, 3))).astype(np.float32)
+    labels = rng.integers(0, 1000, size=(batch,)).astype(np.int32)
+    rows = []
+    for with_tokenizer in (True, False):
+        step, layout, tok_state, tokenize, var_cfg, _, parts, tx = build(depth, batch, mesh,
+                                                                         with_tokenizer=with_tokenizer)
+        with jax.set_mesh(mesh):
+            state = init_train_state(lambda rngs: VAR(var_cfg, rngs=rngs), tx, layout, mesh, seed=0)
+            if with_tokenizer:
+                batch_data = global_batch_from_host({"image": images, "label": labels}, mesh)
+                frozen = tok_state
+            else:
+                tokens, teacher = jax.jit(tokenize)(tok_state, images)
+                batch_data = global_batch_from_host({"tokens": np.asarray(tokens), "teacher_input": np.asarray(teacher),
+                                                     "label": labels}, mesh)
+                frozen = None
+            t = time.perf_counter()
+            compiled = step.lower(state, batch_data, frozen).compile()
+            compile_s = time.perf_counter() - t
+            xla_flops = flops.compiled_flops(compiled)
+            state, m = compiled(state, batch_data, frozen)       # warm-up
+            jax.block_until_ready(m)
+            t = time.perf_counter()
+            for _ in range(steps):
+                state, m = compiled(state, batch_data, frozen)
+            jax.block_until_ready((state, m))
+            per_step = (time.perf_counter() - t) / steps
+        var_flops = flops.var_train_flops_per_example(var_cfg) * batch
+        row = {"tokenize_in_step": with_tokenizer, "depth": depth, "batch": batch, "s_per_step": per_step,
+               "compile_s": compile_s, "images_per_s": batch / per_step, "tokens_per_s": batch * var_cfg.seq_len / per_step,
+               "var_flops_per_step": var_flops, "xla_flops_per_step": xla_flops,
+               "achieved_flops_per_s_var": var_flops / per_step,
+               "mfu_var": var_flops / per_step / peak,
+               "loss": float(m["loss"])}
+        if xla_flops:
+            row["achieved_flops_per_s_xla"] = xla_flops / per_step
+            row["mfu_xla"] = xla_flops / per_step / peak
+        rows.append(row)
+        del state
+    return rows
+
+
+def memory_report(depths, per_device_batch: int, remat: str) -> list[dict]:
+    """Run inside a process with 8 simulated devices: compile the step on an FSDP mesh, report bytes."""
+    import jax
+
+    from var_jax.sharding import make_mesh
+    from var_jax.train.state import batch_shardings, param_count
+    mesh = make_mesh((1, -1, 1))
+    rows = []
+    for depth in depths:
+        batch = per_device_batch * mesh.size
+        step, layout, tok_state, _, var_cfg, batch_example, _, _ = build(depth, batch, mesh, with_tokenizer=True,
+                                                                         remat=remat, abstract=True)
+        shardings = batch_shardings(mesh, batch_example)
+        batch_abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
+                          for k, v in batch_example.items()}
+        t = time.perf_counter()
+        with jax.set_mesh(mesh):
+            compiled = step.lower(layout.abstract, batch_abstract, tok_state).compile()
+        mem = compiled.memory_analysis()
+        gib = lambda b: b / 2 ** 30
+        rows.append({"depth": depth, "devices": mesh.size, "mesh": dict(mesh.shape), "global_batch": batch,
+                     "remat": remat, "params": param_count(layout.abstract.params), "compile_s": time.perf_counter() - t,
+                     "argument_gib": gib(mem.argument_size_in_bytes), "output_gib": gib(mem.output_size_in_bytes),
+                     "temp_gib": gib(mem.temp_size_in_bytes), "alias_gib": gib(mem.alias_size_in_bytes),
+                     "peak_estimate_gib": gib(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                              - mem.alias_size_in_bytes + mem.temp_size_in_bytes)})
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--depth", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--memory-depths", default="16,30", help="comma-separated; '' skips the memory part")
+    parser.add_argument("--memory-per-device-batch", type=int, default=4)
+    parser.add_argument("--remat", default="block", choices=("none", "block"))
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)   # the subprocess
+    args = parser.parse_args()
+
+    if args.memory_only:
+        depths = [int(d) for d in args.memory_depths.split(",") if d]
+        print("MEMORY" + json.dumps(memory_report(depths, args.memory_per_device_batch, args.remat)))
+        return
+
+    if not args.skip_throughput:
+        peak = measure_matmul_peak()
+        print(f"float32 matmul peak (2048², jitted): {peak / 1e9:.1f} GFLOP/s")
+        for row in time_steps(args.depth, args.batch, args.steps, peak):
+            kind = "with tokenisation   " if row["tokenize_in_step"] else "pre-computed tokens "
+            xla = (f", XLA count {row['achieved_flops_per_s_xla'] / 1e9:.1f} GFLOP/s = MFU {row['mfu_xla']:.1%}"
+                   if "mfu_xla" in row else "")
+            print(f"d{row['depth']} batch {row['batch']} {kind}: {row['s_per_step']:.3f} s/step, "
+                  f"{row['images_per_s']:.2f} images/s, {row['tokens_per_s']:.0f} tokens/s; VAR analytic "
+                  f"{row['achieved_flops_per_s_var'] / 1e9:.1f} GFLOP/s = MFU {row['mfu_var']:.1%}{xla} "
+                  f"(compile {row['compile_s']:.1f} s, loss {row['loss']:.4f})")
+            print("ROW " + json.dumps(row))
+
+    if args.memory_depths:
+        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+                   PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+        proc = subprocess.run([sys.executable, __file__, "--memory-only", "--memory-depths", args.memory_depths,
+                               "--memory-per-device-batch", str(args.memory_per_device_batch), "--remat", args.remat],
+                              env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            print(proc.stderr[-4000:])
+            raise SystemExit("memory analysis failed")
+        for row in json.loads(proc.stdout.split("MEMORY", 1)[1]):
+            print(f"d{row['depth']} ({row['params'] / 1e6:.0f}M params) on {row['devices']} devices FSDP, global batch "
+                  f"{row['global_batch']}, remat {row['remat']}: per device arguments {row['argument_gib']:.2f} GiB, "
+                  f"temporaries {row['temp_gib']:.2f} GiB, outputs {row['output_gib']:.2f} GiB (aliased "
+                  f"{row['alias_gib']:.2f}); peak ≈ {row['peak_estimate_gib']:.2f} GiB (compile {row['compile_s']:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
