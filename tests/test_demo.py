@@ -1,0 +1,87 @@
+"""`python -m var_jax demo --quick`: both trainings, sampling and scoring end to end (tiny models, 16 px, two
+steps per stage), then reruns on the same workdir: a finished run is skipped stage by stage, an interrupted
+VAR training resumes from its checkpoint, and a rerun asking for other settings is refused."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("jax")
+
+from var_jax.cli import main  # noqa: E402
+
+QUICK_IMAGE = 16
+PER_CLASS = 10
+
+
+def demo(workdir, *extra):
+    return main(["demo", "--workdir", str(workdir), "--quick", *extra])
+
+
+def snapshot(directory):
+    """{relative path: (size, mtime_ns)} of every file under `directory`."""
+    return {str(p.relative_to(directory)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def logged_steps(stage_dir):
+    return [json.loads(line)["step"] for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("demo")
+    assert demo(workdir) == 0
+    return workdir
+
+
+def test_outputs_have_the_adm_layout_ten_per_class_a_grid_and_a_score(finished):
+    samples = finished / "samples"
+    with np.load(samples / "samples.npz") as data:
+        images, labels = data["arr_0"], data["arr_1"]
+    assert images.dtype == np.uint8 and images.shape == (10 * PER_CLASS, QUICK_IMAGE, QUICK_IMAGE, 3)
+    assert images.std() > 0       # decoded images, not a constant placeholder
+    np.testing.assert_array_equal(labels, np.repeat(np.arange(10), PER_CLASS))
+    grid = np.asarray(Image.open(samples / "grid.png"))
+    side = PER_CLASS * (QUICK_IMAGE + 2) + 2          # one row per class, 2 px padding
+    assert grid.shape[:2] == (side, side)
+    score = json.loads((samples / "score.json").read_text())
+    assert 0.0 <= score["accuracy"] <= 1.0 and 0.0 <= score["in_distribution"] <= 1.0
+    assert sum(score["predicted_counts"]) == 10 * PER_CLASS and score["num_images"] == 10 * PER_CLASS
+    assert score["real_digits_accuracy"] > 0.9
+    for stage in ("tokenizer", "var"):
+        assert (finished / stage / "model" / "config.json").is_file()
+        assert logged_steps(finished / stage) == [1, 2]
+
+
+def test_rerun_skips_finished_stages_and_refuses_other_settings(finished, capsys):
+    before = {d: snapshot(finished / d) for d in ("tokenizer", "var", "samples/shards")}
+    capsys.readouterr()
+    assert demo(finished) == 0
+    out = capsys.readouterr().out
+    assert out.count("finished earlier") == 2, out
+    assert {d: snapshot(finished / d) for d in before} == before      # nothing trained or sampled again
+    with pytest.raises(SystemExit) as exit_info:
+        demo(finished, "--seed", "1")
+    assert exit_info.value.code == 2
+    assert "seed" in capsys.readouterr().err
+
+
+def test_interrupted_var_training_resumes_from_its_checkpoint(finished, tmp_path, capsys):
+    workdir = tmp_path / "demo"
+    shutil.copytree(finished, workdir)
+    # as if killed after the step-1 checkpoint: no step-2 checkpoint, no exported model, no samples
+    var = workdir / "var"
+    shutil.rmtree(var / "checkpoints" / "2")
+    shutil.rmtree(var / "model")
+    shutil.rmtree(workdir / "samples")
+    tokenizer_before = snapshot(workdir / "tokenizer")
+    capsys.readouterr()
+    assert demo(workdir) == 0
+    out = capsys.readouterr()
+    assert "resuming from step 1" in out.out + out.err
+    assert logged_steps(var) == [1, 2]                   # step 1 kept, step 2 redone: not restarted
+    assert snapshot(workdir / "tokenizer") == tokenizer_before
+    assert (var / "model" / "config.json").is_file() and (workdir / "samples" / "samples.npz").is_file()

@@ -1,0 +1,174 @@
+"""Train both stages on the embedded digits dataset (no download) and sample ten digits of every class.
+
+    python -m var_jax demo --workdir workdirs/demo            # ~15 min on a 2-core CPU
+    python -m var_jax demo --workdir /tmp/demo --quick        # a few steps of tiny models: checks the plumbing
+
+Stage 1 trains the tokenizer (`train --config configs/digits_tokenizer.py --workdir DIR/tokenizer`), stage 2 the
+VAR transformer on its tokens (`train --config configs/digits_var.py --workdir DIR/var`), stage 3 samples
+(`sample --checkpoint DIR/var/model --num-per-class 10 --out DIR/samples`). The samples are then scored by a
+classifier of the real digits: DIR/samples/score.json holds its accuracy against the requested classes and the
+share of samples that look like real digits (in_distribution).
+
+Rerunning the same command on the same DIR resumes: finished stages are skipped, an interrupted training
+continues from its last checkpoint, finished sample batches are kept.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from var_jax.cli import CommandError
+
+SETTINGS_FILE = "demo.json"
+STAGE_DIRS = {"tokenizer": "tokenizer", "var": "var"}
+SAMPLES_DIR = "samples"
+SCORE_FILE = "score.json"
+MODEL_DIR = "model"          # var_jax.train.trainer.MODEL_DIR: where a finished training exports its model
+NUM_CLASSES = 10             # var_jax.data.digits.NUM_CLASSES (not imported: --help stays light)
+# Sampling defaults tuned for the digits models (the reference's ImageNet values are cfg 1.5, top-k 900,
+# top-p 0.96; with V=256 codes the top-k cut is looser and digits want stronger guidance).
+DEFAULT_SAMPLING = {"cfg": 3.0, "top_k": 64, "top_p": 0.9}
+
+# --quick: tiny models at 16 px with three scales, a few steps; enough to run every code path in a test.
+QUICK = {
+    "tokenizer": ("steps=2,batch=8,image_size=16",
+                  ["patch_nums=(1,2,4)", "log_every=1", "checkpoint_every=2"]),
+    "var": ("depth=1,width=64,batch=8,steps=2,image_size=16",
+            ["patch_nums=(1,2,4)", "log_every=1", "checkpoint_every=1"]),
+}
+
+
+def default_config_dir() -> Path:
+    """The repository's configs/ (beside the var_jax package), else ./configs."""
+    import var_jax
+    beside_package = Path(var_jax.__file__).resolve().parent.parent / "configs"
+    return beside_package if beside_package.is_dir() else Path("configs")
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("--workdir", required=True, help="DIR: tokenizer/, var/, samples/ and demo.json")
+    parser.add_argument("--quick", action="store_true", help="tiny models, two steps per stage (tests)")
+    parser.add_argument("--tokenizer-config", default=None, metavar="FILE[:ARG]",
+                        help="stage 1 config (default configs/digits_tokenizer.py)")
+    parser.add_argument("--var-config", default=None, metavar="FILE[:ARG]",
+                        help="stage 2 config (default configs/digits_var.py)")
+    parser.add_argument("--num-per-class", type=int, default=10, help="samples per digit class (default 10)")
+    parser.add_argument("--cfg", type=float, default=None, help=f"classifier-free guidance scale (default {DEFAULT_SAMPLING['cfg']})")
+    parser.add_argument("--top-k", type=int, default=None, help=f"keep the k largest logits (default {DEFAULT_SAMPLING['top_k']}; 0: off)")
+    parser.add_argument("--top-p", type=float, default=None, help=f"nucleus filter (default {DEFAULT_SAMPLING['top_p']}; 0: off)")
+    parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+
+
+
+def stage_configs(args):
+    """(tokenizer config spec, overrides), (VAR config spec, overrides) for the train command's loader."""
+    config_dir = default_config_dir()
+    tok_spec = args.tokenizer_config or str(config_dir / "digits_tokenizer.py")
+    var_spec = args.var_config or str(config_dir / "digits_var.py")
+    tok_overrides, var_overrides = [], []
+    if args.quick:
+        tok_spec, tok_overrides = _with_arg(tok_spec, QUICK["tokenizer"][0]), list(QUICK["tokenizer"][1])
+        var_spec, var_overrides = _with_arg(var_spec, QUICK["var"][0]), list(QUICK["var"][1])
+    return (tok_spec, tok_overrides), (var_spec, var_overrides)
+
+
+def wiring_overrides(workdir: Path) -> list[str]:
+    """What the VAR stage always gets from the demo: stage 1's model, and no sample grids during training (the
+    demo samples once at the end; each grid costs a sampler compile)."""
+    tokenizer_model = (workdir / STAGE_DIRS["tokenizer"] / MODEL_DIR).absolute()
+    return [f"tokenizer_checkpoint={tokenizer_model}", "sample_every=0"]
+
+
+def _with_arg(spec: str, arg: str) -> str:
+    path, _, existing = spec.partition(":")
+    return f"{path}:{existing},{arg}" if existing else f"{path}:{arg}"
+
+
+def sampling_settings(args) -> dict:
+    chosen = {"cfg": args.cfg, "top_k": args.top_k, "top_p": args.top_p}
+    return {k: DEFAULT_SAMPLING[k] if v is None else v for k, v in chosen.items()}
+
+
+def check_settings(workdir: Path, settings: dict):
+    """A rerun must ask for the same run, or it would resume checkpoints of another one."""
+    path = workdir / SETTINGS_FILE
+    if path.exists():
+        previous = json.loads(path.read_text())
+        if previous != settings:
+            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
+            raise CommandError(f"{workdir} holds a demo run with different settings ({', '.join(changed)}); "
+                               f"use another --workdir or delete it")
+    else:
+        workdir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def train_stage(name: str, spec: str, overrides: list[str], workdir: Path):
+    """One `var-jax train` run (resumed by the trainer when its workdir holds checkpoints); skipped when it has
+    already exported its model."""
+    from var_jax.cli import train
+    if (workdir / MODEL_DIR / "config.json").is_file():
+        print(f"[demo] {name}: finished earlier ({workdir / MODEL_DIR}), skipped", flush=True)
+        return
+    print(f"[demo] {name}: python -m var_jax train --config {spec} --workdir {workdir} "
+          + " ".join(f"--config.{o}" for o in overrides), flush=True)
+    train.run(argparse.Namespace(config=spec, config_overrides=overrides, workdir=str(workdir), print_config=False,
+                                 distributed=False, coordinator_address=None, num_processes=None, process_id=None))
+
+
+def sample_stage(checkpoint: Path, out: Path, num_per_class: int, sampling: dict, seed: int):
+    from var_jax.cli import sample
+    argv = ["--checkpoint", str(checkpoint), "--out", str(out), "--num-per-class", str(num_per_class),
+            "--cfg", str(sampling["cfg"]), "--top-k", str(sampling["top_k"]), "--top-p", str(sampling["top_p"]),
+            "--seed", str(seed), "--batch-size", str(num_per_class * NUM_CLASSES)]
+    print(f"[demo] sampling: python -m var_jax sample {' '.join(argv)}", flush=True)
+    parser = argparse.ArgumentParser()
+    sample.add_arguments(parser)
+    sample.run(parser.parse_args(argv))
+
+
+def score_samples(out: Path, num_per_class: int) -> dict:
+    """Classifier accuracy on the samples (and the in-distribution share); a one-row-per-class grid.png."""
+    import numpy as np
+
+    from var_jax.eval.digits_classifier import digits_classifier
+    from var_jax.sample.grid import save_grid
+    with np.load(out / "samples.npz") as data:
+        images, labels = data["arr_0"], data["arr_1"]
+    # the sample command's grid holds the first 64 images; the demo's shows them all, one class per row
+    save_grid(out / "grid.png", images, columns=num_per_class)
+    classifier = digits_classifier(images.shape[1])
+    score = classifier.score(images, labels)
+    score["real_digits_accuracy"] = classifier.held_out_accuracy   # the classifier on held-out real digits
+    score["num_images"] = int(len(labels))
+    return score
+
+
+def run(args):
+    if args.num_per_class < 1:
+        raise CommandError(f"--num-per-class must be >= 1, got {args.num_per_class}")
+    start = time.perf_counter()
+    workdir = Path(args.workdir)
+    (tok_spec, tok_overrides), (var_spec, var_overrides) = stage_configs(args)
+    sampling = sampling_settings(args)
+    check_settings(workdir, {"tokenizer_config": tok_spec, "tokenizer_overrides": tok_overrides,
+                             "var_config": var_spec, "var_overrides": var_overrides,
+                             "num_per_class": args.num_per_class, "seed": args.seed, **sampling})
+
+    train_stage("stage 1/3, tokenizer", tok_spec, tok_overrides, workdir / STAGE_DIRS["tokenizer"])
+    train_stage("stage 2/3, VAR transformer", var_spec, var_overrides + wiring_overrides(workdir),
+                workdir / STAGE_DIRS["var"])
+    out = workdir / SAMPLES_DIR
+    sample_stage(workdir / STAGE_DIRS["var"] / MODEL_DIR, out, args.num_per_class, sampling, args.seed)
+
+    score = score_samples(out, args.num_per_class)
+    score["wall_s_this_run"] = round(time.perf_counter() - start, 1)
+    (out / SCORE_FILE).write_text(json.dumps(score, indent=2) + "\n")
+    print(f"[demo] digits classifier on the samples: accuracy {score['accuracy']:.1%} "
+          f"(real held-out digits: {score['real_digits_accuracy']:.1%}), in-distribution "
+          f"{score['in_distribution']:.1%}; predicted per class {score['predicted_counts']}", flush=True)
+    print(f"[demo] wrote {out / 'samples.npz'}, {out / 'grid.png'}, {out / SCORE_FILE} "
+          f"in {score['wall_s_this_run']:.0f} s", flush=True)
+    return 0
