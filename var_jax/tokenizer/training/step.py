@@ -71,7 +71,6 @@ class TokenizerLossConfig:
         return self
 
 
-
 def make_tokenizer_train_step(merge: Callable[[Any], Any], tx: optax.GradientTransformation,
                               tokenizer_cfg: TokenizerConfig, loss_cfg: TokenizerLossConfig,
                               merge_lpips: Callable[[Any], Any] | None = None):
@@ -99,7 +98,7 @@ def make_tokenizer_train_step(merge: Callable[[Any], Any], tx: optax.GradientTra
             params = {**state.params, "generator": gen_params}
             modules = merge(params)
             f = modules.generator.encode(images)
-            f_hat, vq, tokens, hits = quantizer.quantize_for_training(modules.generator.quantizer_params(), f, cfg)
+            f_hat, vq, _, hits = quantizer.quantize_for_training(modules.generator.quantizer_params(), f, cfg)
 
             def decode(last_kernel):   # the decoder as a function of its last layer, for the adaptive weight
                 generator = merge(replace_path(params, LAST_LAYER_PATH, last_kernel)).generator
