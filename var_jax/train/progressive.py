@@ -13,8 +13,6 @@ scale); the ramp is a traced scalar.
 from __future__ import annotations
 
 import dataclasses
-from functools import lru_cache
-
 import jax.numpy as jnp
 import numpy as np
 
@@ -48,8 +46,15 @@ class ProgressiveSchedule:
         return self.start_scale + int(round(progress * (last - self.start_scale)))
 
     def stage_start(self, step: int) -> int:
-        """First step of the stage that `step` is in."""
-        return _stage_start(self, step)
+        """First step of the stage that `step` is in (scale_at never decreases: binary search)."""
+        si, lo, hi = self.scale_at(step), 0, step
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self.scale_at(mid) < si:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
 
     def ramp_at(self, step: int) -> float:
         si = self.scale_at(step)
@@ -57,15 +62,6 @@ class ProgressiveSchedule:
             return 1.0
         done = step - self.stage_start(step) + 1   # the reference counts the current step
         return float(min(max(done / max(self.ramp_steps, 1), RAMP_FLOOR), 1.0))
-
-
-@lru_cache(maxsize=None)
-def _stage_start(schedule: ProgressiveSchedule, step: int) -> int:
-    si = schedule.scale_at(step)
-    s = step
-    while s > 0 and schedule.scale_at(s - 1) == si:
-        s -= 1
-    return s
 
 
 def progressive_from_config(prog_cfg, num_scales: int, total_steps: int, warmup_steps: int) -> ProgressiveSchedule:
