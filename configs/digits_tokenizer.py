@@ -4,8 +4,9 @@
     python -m var_jax train --config configs/digits_tokenizer.py:steps=4,batch=8 --workdir /tmp/t \
         --config.mesh='(2,2,2)'
 
-32 px images -> 8x8x16 latent (ch_mult (1,1,2): downsampling 4), patch_nums (1,2,3,4,6,8) as configs/digits_var.py
-expects, V=256. L1 reconstruction + the quantizer's VQ loss; the GAN (loss.disc_weight > 0) and LPIPS
+32 px images -> 4x4x16 latent (ch_mult (1,1,2,2): downsampling 8), patch_nums (1,2,3,4) as configs/digits_var.py
+expects (L=30 tokens keep the VAR stage of the 15-minute CPU demo cheap), V=256. L1 reconstruction + the
+quantizer's VQ loss; the GAN (loss.disc_weight > 0) and LPIPS
 (loss.lpips_weight > 0 with lpips.vgg_path / lpips.lin_path) are off by default: digits need neither.
 The exported model is WORKDIR/model (the VAR stage's `tokenizer_checkpoint`).
 """
@@ -15,18 +16,19 @@ from configs import common
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, batch=32, steps=600, lr=2e-3, image_size=32, vocab=256)
+    arg = common.parse_arg(arg, batch=32, steps=300, lr=2e-3, image_size=32, vocab=256)
     config = common.base_config("tokenizer")
     config.total_steps = arg.steps
     config.batch_size = arg.batch
     config.log_every = 50
     config.checkpoint_every = 200
-    config.patch_nums = (1, 2, 3, 4, 6, 8)
+    config.sample_every = 200          # PNG grid: originals, then their reconstructions
+    config.patch_nums = (1, 2, 3, 4)
     config.tokenizer_checkpoint = ""   # warm start from a converted tokenizer / earlier run (its shape wins)
     config.data = common.data_config(name="digits", image_size=arg.image_size)
     config.tokenizer = ml_collections.ConfigDict(dict(
-        vocab_size=arg.vocab, z_channels=16, ch=32, ch_mult=(1, 1, 2), num_res_blocks=1,
-        attn_levels=(),            # the mid blocks still attend at 8x8; no per-level attention
+        vocab_size=arg.vocab, z_channels=16, ch=32, ch_mult=(1, 1, 2, 2), num_res_blocks=1,
+        attn_levels=(),            # the mid blocks still attend at 4x4; no per-level attention
         quant_conv_ks=3, beta=0.25, quant_resi=0.5, share_quant_resi=4, using_znorm=False, dropout=0.0))
     config.loss = ml_collections.ConfigDict(dict(
         recon_kind="l1", recon_weight=1.0, vq_weight=1.0, lpips_weight=0.0,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -73,7 +74,6 @@ def _lpips(config, loss_cfg, mesh):
 
 def build_tokenizer_stage(config, mesh, dataset_classes: int) -> Stage:
     from var_jax.checkpoints import save_model_dir
-    from var_jax.data.pipeline import global_batch_from_host
 
     del dataset_classes   # the tokenizer ignores labels
     batch_size, total_steps, image_size = int(config.batch_size), int(config.total_steps), int(config.data.image_size)
@@ -112,6 +112,8 @@ def build_tokenizer_stage(config, mesh, dataset_classes: int) -> Stage:
         state = init_tokenizer_state(model_fn, tx, layout, mesh, int(config.seed))
         return state if pretrained is None else warm_start(state, pretrained, layout)
 
+    make_batch, sample = _reconstruction_grid(config, parts, mesh)
+
     def export(state, directory):
         save_model_dir(directory, tokenizer=(tok_cfg, parts.merge(state.params).generator), overwrite=True)
 
@@ -122,9 +124,36 @@ def build_tokenizer_stage(config, mesh, dataset_classes: int) -> Stage:
         extras.append(f"warm start from {config.tokenizer_checkpoint}")
     return Stage(
         name="tokenizer", layout=layout, init=init, step_fn=lambda _: step,
-        make_batch=lambda local, _: global_batch_from_host({"image": local["image"]}, mesh),
-        frozen=lpips_params, export=export,
+        make_batch=make_batch, frozen=lpips_params, export=export, sample=sample,
         model_config={"tokenizer": tok_cfg.to_dict(),
                       "discriminator": dataclasses.asdict(disc_cfg) if disc_cfg else None},
         describe=f"tokenizer ch {tok_cfg.ch} x {tok_cfg.ch_mult}, V={tok_cfg.vocab_size}, Cvae={tok_cfg.z_channels}, "
                  f"patch_nums {tok_cfg.patch_nums}, {n_gen:,} params; {', '.join(extras)}")
+
+
+def _reconstruction_grid(config, parts, mesh):
+    """(make_batch, sample): the first global batch's first images are kept, and `sample` returns them beside
+    their current reconstructions (originals then reconstructions, [0, 1]) for the trainer's PNG grid."""
+    from var_jax.data.pipeline import global_batch_from_host
+    from var_jax.sharding import replicated
+    from var_jax.tokenizer.vqvae import image_to_tokens, tokens_to_image
+
+    count = min(int(config.num_sample_images), int(config.batch_size))
+    kept = {}
+
+    def make_batch(local, step: int):
+        batch = global_batch_from_host({"image": local["image"]}, mesh)
+        if int(config.sample_every) > 0 and "images" not in kept:
+            kept["images"] = jax.jit(lambda x: x[:count], out_shardings=replicated(mesh))(batch["image"])
+        return batch
+
+    def originals_and_reconstructions(params, images):
+        generator = parts.merge(params).generator
+        return jnp.concatenate([images, tokens_to_image(generator, image_to_tokens(generator, images))], axis=0)
+    # replicated output: every process can read it
+    grid_images = jax.jit(originals_and_reconstructions, out_shardings=replicated(mesh))
+
+    def sample(state, step: int):
+        return (np.asarray(jax.device_get(grid_images(state.params, kept["images"]))) + 1.0) / 2.0
+
+    return make_batch, (sample if int(config.sample_every) > 0 else None)
