@@ -14,6 +14,7 @@ import numpy as np
 from flax import nnx
 
 from var_jax.sharding import constrain
+from var_jax.transformer.attention import QueryGroup, attention, dense_mask, grouped_attention
 from var_jax.transformer.config import VARConfig
 
 # scale_mul is clamped at ln(100) before exp(): the attention temperature of the L2-normalised q/k never exceeds 100.
@@ -106,10 +107,18 @@ class SelfAttention(nnx.Module):
         return constrain(q, heads_axes), constrain(k, heads_axes), constrain(v, heads_axes)
 
     def attend(self, q, k, v, mask=None):
-        """Attention of q (B, l, H, hd) over k/v (B, S, H, hd); mask broadcastable to (B, H, l, S), True = keep."""
+        """Attention of q (B, l, H, hd) over k/v (B, S, H, hd). mask: None (every key visible), a bool array
+        broadcastable to (B, H, l, S) (True = keep), or a tuple of QueryGroup (block-causal self-attention)."""
         scale = 1.0 if self.l2_norm else PLAIN_ATTN_SCALE_FACTOR / math.sqrt(self.head_dim)
-        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, scale=scale,
-                                           implementation=self.impl)
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
+        groups = isinstance(mask, tuple) and all(isinstance(g, QueryGroup) for g in mask)
+        if self.impl != "xla":
+            mask = jnp.asarray(dense_mask(mask)) if groups else mask
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=self.impl)
+        elif groups:
+            out = grouped_attention(q, k, v, mask, scale)
+        else:
+            out = attention(q, k, v, mask, scale)
         B, l = q.shape[:2]
         return self.proj(out.reshape(B, l, self.heads * self.head_dim))
 

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from var_jax.sharding import constrain
+from var_jax.transformer.attention import block_causal_groups
 from var_jax.transformer.blocks import AdaLNBeforeHead, AdaLNSelfAttn, compute_dtype, linear, trunc_normal
 from var_jax.transformer.config import VARConfig
 
@@ -142,8 +143,8 @@ class VAR(nnx.Module):
         x = jnp.concatenate([self.first_scale_input(cond), words + self._level_position(cfg.first_l, end)], axis=1)
         x = constrain(x.astype(compute_dtype(cfg)), ACTIVATION_AXES)
 
-        mask = jnp.asarray(block_causal_mask(cfg.scale_ids[:end]))[None, None]
-        make_kv_fn = lambda _: (lambda k, v: (k, v, mask, None))
+        groups = block_causal_groups(cfg.patch_nums[:cfg.scale_ids[end - 1] + 1])
+        make_kv_fn = lambda _: (lambda k, v: (k, v, groups, None))
         x, _ = self._run_blocks(x, cond, make_kv_fn, dropout_key=None if deterministic else dropout_key)
         return self.logits(x, cond)
 
