@@ -74,9 +74,11 @@ def stage_configs(args):
     return (tok_spec, tok_overrides), (var_spec, var_overrides)
 
 
-def wiring_overrides(workdir: Path) -> list[str]:
-    """What the VAR stage always gets from the demo: stage 1's model, and no sample grids during training (the
-    demo samples once at the end; each grid costs a sampler compile)."""
+def wiring_overrides(workdir: Path, stage: str) -> list[str]:
+    """What the demo always sets: no PNG grids during training (the demo samples once at the end; each grid
+    costs a compile), and stage 1's model as the VAR stage's tokenizer."""
+    if stage == "tokenizer":
+        return ["sample_every=0"]
     tokenizer_model = (workdir / STAGE_DIRS["tokenizer"] / MODEL_DIR).absolute()
     return [f"tokenizer_checkpoint={tokenizer_model}", "sample_every=0"]
 
@@ -157,8 +159,9 @@ def run(args):
                              "var_config": var_spec, "var_overrides": var_overrides,
                              "num_per_class": args.num_per_class, "seed": args.seed, **sampling})
 
-    train_stage("stage 1/3, tokenizer", tok_spec, tok_overrides, workdir / STAGE_DIRS["tokenizer"])
-    train_stage("stage 2/3, VAR transformer", var_spec, var_overrides + wiring_overrides(workdir),
+    train_stage("stage 1/3, tokenizer", tok_spec, tok_overrides + wiring_overrides(workdir, "tokenizer"),
+                workdir / STAGE_DIRS["tokenizer"])
+    train_stage("stage 2/3, VAR transformer", var_spec, var_overrides + wiring_overrides(workdir, "var"),
                 workdir / STAGE_DIRS["var"])
     out = workdir / SAMPLES_DIR
     sample_stage(workdir / STAGE_DIRS["var"] / MODEL_DIR, out, args.num_per_class, sampling, args.seed)
