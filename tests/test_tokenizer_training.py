@@ -315,6 +315,7 @@ for mesh_shape in [(1, 1, 1), (2, 2, 2)]:
             losses.append(float(m["loss"]))
     codebook = state.params["generator"]["codebook"]
     out[str(mesh_shape)] = dict(losses=losses, codebook=np.asarray(codebook).tolist(),
+                                restarted=int(m["codes_restarted"]),
                                 codebook_spec=str(codebook.sharding.spec))
 print(json.dumps(out))
 '''
@@ -329,6 +330,7 @@ def test_sharded_step_matches_one_device():
     out = json.loads(run_with_devices(SHARDED_CODE, 8).strip().splitlines()[-1])
     one, many = out["(1, 1, 1)"], out["(2, 2, 2)"]
     assert "tensor" in many["codebook_spec"], many["codebook_spec"]
+    assert one["restarted"] == many["restarted"] > 0
     np.testing.assert_allclose(many["losses"], one["losses"], rtol=1e-5)
     # Adam divides by sqrt(v): float32 reduction-order noise in tiny gradients moves codes by up to ~5e-6
     np.testing.assert_allclose(many["codebook"], one["codebook"], rtol=1e-4, atol=2e-5)

@@ -21,7 +21,8 @@ from var_jax.tokenizer.config import TokenizerConfig
 from var_jax.tokenizer.training.discriminator import PatchDiscriminator
 from var_jax.tokenizer.vqvae import VQVAE
 from var_jax.train.optimizer import decay_mask, make_optimizer
-from var_jax.train.state import ModelParts, StateLayout, abstract_train_state, init_train_state, split_model
+from var_jax.train.state import (ModelParts, StateLayout, TrainState, abstract_train_state, init_train_state,
+                                 split_model)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +120,5 @@ def _fields(x) -> dict:
     return {f: getattr(x, f) for f in ("step", "params", "opt_state", "rng")}
 
 
-def _train_state_part(x):
-    from var_jax.train.state import TrainState
+def _train_state_part(x) -> TrainState:
     return TrainState(**_fields(x))

@@ -126,7 +126,7 @@ def make_tokenizer_train_step(merge: Callable[[Any], Any], tx: optax.GradientTra
         (loss, (rec, aux)), gen_grads = jax.value_and_grad(generator_loss, has_aux=True)(state.params["generator"])
         grads = {"generator": gen_grads}
         metrics = {"loss": loss, "recon": aux["recon"], "vq": aux["vq"], "lpips": aux["lpips"],
-                   "grad_norm": optax.global_norm(gen_grads),
+                   "grad_norm": optax.tree.norm(gen_grads),
                    "psnr": losses.psnr(images, jnp.clip(rec, -1.0, 1.0))}
 
         if lc.use_gan:
@@ -142,7 +142,7 @@ def make_tokenizer_train_step(merge: Callable[[Any], Any], tx: optax.GradientTra
                 discriminator_loss, has_aux=True)(state.params["discriminator"])
             grads["discriminator"] = disc_grads
             metrics.update(g_loss=aux["g_loss"], d_loss=d_loss, disc_weight=aux["disc_weight"], disc_factor=factor,
-                           logits_real=real_mean, logits_fake=fake_mean, d_grad_norm=optax.global_norm(disc_grads))
+                           logits_real=real_mean, logits_fake=fake_mean, d_grad_norm=optax.tree.norm(disc_grads))
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
