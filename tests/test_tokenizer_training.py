@@ -334,3 +334,30 @@ def test_sharded_step_matches_one_device():
     np.testing.assert_allclose(many["losses"], one["losses"], rtol=1e-5)
     # Adam divides by sqrt(v): float32 reduction-order noise in tiny gradients moves codes by up to ~5e-6
     np.testing.assert_allclose(many["codebook"], one["codebook"], rtol=1e-4, atol=2e-5)
+
+
+# ---- stage configuration errors (nothing is compiled) ---------------------------------------------------------
+
+@pytest.mark.parametrize("override, field", [
+    ({"patch_nums": (1, 2, 3)}, "patch_nums"),                       # must end at 32 px / downsampling
+    ({"tokenizer.ch": 48}, "tokenizer.ch"),                           # GroupNorm needs multiples of 32
+    ({"loss.recon_kind": "l3"}, "recon_kind"),
+    ({"loss.lpips_weight": 1.0}, "lpips.vgg_path"),                   # LPIPS needs weight files
+    ({"loss.disc_weight": 0.5, "discriminator.num_layers": 4}, "discriminator.num_layers"),   # 32 px too small
+    ({"tokenizer_checkpoint": "/nonexistent/tokenizer"}, "tokenizer_checkpoint"),
+])
+def test_stage_config_errors_name_the_field(override, field):
+    import sys
+    from conftest import REPO_ROOT
+    from var_jax.tokenizer.training.stage import build_tokenizer_stage
+    from var_jax.train.stage import ConfigError
+
+    sys.path.insert(0, str(REPO_ROOT))
+    from configs import digits_tokenizer
+
+    config = digits_tokenizer.get_config("batch=8,steps=2")
+    for key, value in override.items():
+        section, _, name = key.rpartition(".")
+        (config[section] if section else config)[name] = value
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        build_tokenizer_stage(config, make_mesh((1, 1, 1), jax.devices()[:1]), 10)
