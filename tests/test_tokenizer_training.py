@@ -151,15 +151,13 @@ def test_dead_code_restart_replaces_exactly_the_dead_codes():
     ema[:, [2, 7]] = 0.1       # summed 0.2 < 0.5: dead
     ema[0, 4], ema[1, 4] = 0.0, 0.6   # summed 0.6: alive although unused at scale 0
     features = jnp.asarray(rng.normal(size=(2, 4, 4, 3)) + 100.0, jnp.float32)   # far from every code
-    new, new_ema, dead = restart_dead_codes(codebook, jnp.asarray(ema), features, jax.random.PRNGKey(0), 0.5)
+    new, dead = restart_dead_codes(codebook, jnp.asarray(ema), features, jax.random.PRNGKey(0), 0.5)
     assert np.flatnonzero(np.asarray(dead)).tolist() == [2, 7]
     changed = np.flatnonzero(np.any(np.asarray(new) != np.asarray(codebook), axis=1))
     assert changed.tolist() == [2, 7]
     rows = np.asarray(features).reshape(-1, 3)
     for code in (2, 7):   # each restarted code is one of the feature vectors
         assert np.min(np.abs(rows - np.asarray(new)[code]).sum(axis=1)) == 0.0
-    np.testing.assert_array_equal(np.asarray(new_ema)[:, [0, 1, 3, 4]], ema[:, [0, 1, 3, 4]])
-    assert np.all(np.asarray(new_ema)[:, [2, 7]].sum(axis=0) >= 0.5)   # not immediately dead again
 
 
 # ---- the train step -------------------------------------------------------------------------------------------

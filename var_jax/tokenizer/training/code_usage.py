@@ -20,9 +20,9 @@ def restart_dead_codes(codebook, ema, features, key, threshold: float):
     """Re-initialise dead codes from random rows of `features`.
 
     codebook (V, C); ema (S, V); features (..., C) (e.g. the encoder output f, any leading shape).
-    Returns (codebook, ema, dead mask (V,)): dead rows replaced by features drawn uniformly with replacement,
-    live rows untouched; the EMA of a restarted code is set to the threshold spread over scales so it is
-    not restarted again before it has had a chance to be used.
+    Returns (codebook, dead mask (V,)): dead rows replaced by features drawn uniformly with replacement, live rows
+    untouched. The usage EMA is left as it is, so the logged usage stays truthful: a restarted code counts as used
+    only once it is hit, and one still unused at the next restart is drawn again.
     """
     vocab_size, channels = codebook.shape
     if features.shape[-1] != channels:
@@ -32,6 +32,4 @@ def restart_dead_codes(codebook, ema, features, key, threshold: float):
     rows = features.reshape(-1, channels).astype(codebook.dtype)
     picks = jax.random.randint(key, (vocab_size,), 0, rows.shape[0])
     dead = dead_code_mask(ema, threshold)
-    new_codebook = jnp.where(dead[:, None], rows[picks], codebook)
-    new_ema = jnp.where(dead[None, :], threshold / ema.shape[0], ema)
-    return new_codebook, new_ema, dead
+    return jnp.where(dead[:, None], rows[picks], codebook), dead

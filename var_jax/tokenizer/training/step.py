@@ -152,10 +152,9 @@ def make_tokenizer_train_step(merge: Callable[[Any], Any], tx: optax.GradientTra
         if lc.restart_every:
             due = (state.step + 1) % lc.restart_every == 0
             codebook = get_path(params, CODEBOOK_PATH)
-            new_codebook, new_ema, dead = restart_dead_codes(
+            new_codebook, dead = restart_dead_codes(
                 codebook, ema, jax.lax.stop_gradient(aux["f"]), restart_key, lc.restart_threshold)
             params = replace_path(params, CODEBOOK_PATH, jnp.where(due, new_codebook, codebook))
-            ema = jnp.where(due, new_ema, ema)
             metrics["codes_restarted"] = jnp.where(due, jnp.sum(dead), 0)
         positions = images.shape[0] * cfg.latent_size * cfg.latent_size
         usage = quantizer.code_usage_percent(ema, positions)
