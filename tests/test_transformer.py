@@ -353,3 +353,28 @@ print("logits_spec", tuple(out.sharding.spec))
     assert out["qkv_shard_shape"] == "(2, 32, 96)"   # (layers, C/fsdp, 3C/tensor)
     assert float(out["maxdiff"]) < 1e-5 and float(out["mesh_maxdiff"]) < 1e-5
     assert out["logits_spec"] == "(('data', 'fsdp'), None, 'tensor')"
+
+
+# ---- attention ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("patch_nums, min_group", [((1, 2, 3, 4, 5), 16), ((1, 2, 3, 4, 5), 1), ((1, 2, 3), 100)])
+def test_grouped_attention_and_its_vjp_equal_dense_masked_softmax(patch_nums, min_group):
+    """Query groups + custom VJP == softmax(q·kᵀ·scale masked block-causally)·v and its autodiff, in float64."""
+    from var_jax.transformer.attention import block_causal_groups, dense_mask, grouped_attention
+    from var_jax.transformer.model import block_causal_mask
+    groups = block_causal_groups(patch_nums, min_group)
+    scale_ids = np.repeat(np.arange(len(patch_nums)), [p * p for p in patch_nums])
+    mask = block_causal_mask(scale_ids)
+    assert (dense_mask(groups) == mask).all()
+    with jax.enable_x64(True):
+        rng = np.random.default_rng()
+        q, k, v, d_out = (jnp.asarray(rng.normal(size=(2, len(scale_ids), 3, 4))) for _ in range(4))
+
+        def reference(q, k, v):
+            scores = jnp.where(mask, jnp.einsum("bqhd,bkhd->bhqk", q, k) * 0.7, -jnp.inf)
+            return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, -1), v)
+
+        grouped = lambda q, k, v: grouped_attention(q, k, v, groups, 0.7)
+        np.testing.assert_allclose(grouped(q, k, v), reference(q, k, v), atol=1e-12)
+        grads = [jax.grad(lambda *a: (f(*a) * d_out).sum(), argnums=(0, 1, 2))(q, k, v) for f in (grouped, reference)]
+        for got, want in zip(*grads):
+            np.testing.assert_allclose(got, want, atol=1e-11)
