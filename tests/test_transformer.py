@@ -378,3 +378,16 @@ def test_grouped_attention_and_its_vjp_equal_dense_masked_softmax(patch_nums, mi
         grads = [jax.grad(lambda *a: (f(*a) * d_out).sum(), argnums=(0, 1, 2))(q, k, v) for f in (grouped, reference)]
         for got, want in zip(*grads):
             np.testing.assert_allclose(got, want, atol=1e-11)
+
+
+@pytest.mark.parametrize("impl", ["xla", "grouped"])
+def test_attention_backends_reproduce_the_recorded_logits(impl):
+    """jax.nn.dot_product_attention (the GPU/TPU path of attention_impl='auto') and the grouped CPU path."""
+    arrays, _, model = converted("tiny_stress")
+    model = nnx.clone(model)
+    attentions = [m for _, m in nnx.iter_graph(model) if hasattr(m, "impl")]
+    assert attentions, "no attention module found"
+    for module in attentions:
+        module.impl = impl
+    logits = forward(model, arrays["var_label_B"], arrays["var_x_BLCv_wo_first_l"])
+    np.testing.assert_allclose(np.asarray(logits), arrays["var_logits_BLV"], atol=1e-4, rtol=0)

@@ -112,9 +112,12 @@ class SelfAttention(nnx.Module):
         scale = 1.0 if self.l2_norm else PLAIN_ATTN_SCALE_FACTOR / math.sqrt(self.head_dim)
         k, v = k.astype(q.dtype), v.astype(q.dtype)
         groups = isinstance(mask, tuple) and all(isinstance(g, QueryGroup) for g in mask)
-        if self.impl != "xla":
+        impl = self.impl
+        if impl == "auto":
+            impl = "grouped" if jax.default_backend() == "cpu" else None
+        if impl != "grouped":
             mask = jnp.asarray(dense_mask(mask)) if groups else mask
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=self.impl)
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
         elif groups:
             out = grouped_attention(q, k, v, mask, scale)
         else:

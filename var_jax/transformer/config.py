@@ -21,7 +21,10 @@ RECIPE_INIT_ADALN_GAMMA = {16: 1e-3, 20: 1e-3, 24: 1e-4, 30: 1e-5, 36: 5e-6}
 
 REMAT_MODES = ("none", "block")
 COMPUTE_DTYPES = ("float32", "bfloat16")
-ATTENTION_IMPLS = ("xla", "cudnn")
+# "grouped": var_jax/transformer/attention.py (skips masked score blocks, lean backward; fastest on CPU);
+# "xla" / "cudnn": jax.nn.dot_product_attention with that implementation; "auto": "grouped" on CPU, else
+# jax.nn.dot_product_attention choosing its implementation (cuDNN flash attention on GPUs where it applies).
+ATTENTION_IMPLS = ("auto", "grouped", "xla", "cudnn")
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,7 @@ class VARConfig:
     init_std: float = -1.0              # < 0 -> sqrt(1/(3·width))
     remat: str = "none"                 # "block": rematerialise each scanned block in the backward pass
     compute_dtype: str = "float32"      # parameters stay float32; activations use this dtype
-    attention_impl: str = "xla"         # jax.nn.dot_product_attention backend; "cudnn" needs a GPU and bf16
+    attention_impl: str = "auto"        # see ATTENTION_IMPLS; "cudnn" needs a GPU and bf16
 
     def __post_init__(self):
         resolve = lambda name, value: object.__setattr__(self, name, value)
