@@ -1,6 +1,7 @@
-"""`python -m var_jax demo --quick`: both trainings, sampling and scoring end to end (tiny models, 16 px, two
-steps per stage), then reruns on the same workdir: a finished run is skipped stage by stage, an interrupted
-VAR training resumes from its checkpoint, and a rerun asking for other settings is refused."""
+"""`python -m var_jax demo --quick`: both trainings, sampling and scoring end to end (the digits configs with a
+one-block VAR, two steps of batch 8 per stage), then reruns on the same workdir: a finished run is skipped stage
+by stage, an interrupted VAR training resumes from its checkpoint, and a rerun asking for other settings is
+refused."""
 import json
 import shutil
 
@@ -12,7 +13,7 @@ pytest.importorskip("jax")
 
 from var_jax.cli import main  # noqa: E402
 
-QUICK_IMAGE = 16
+QUICK_IMAGE = 32
 PER_CLASS = 10
 
 
