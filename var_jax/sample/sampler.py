@@ -29,7 +29,6 @@ from var_jax.sample.filtering import draw_tokens, filter_logits, guidance_streng
 from var_jax.sample.schedule import DEFAULT_WASTE_BUDGET, MODES, Segment, scale_plan
 from var_jax.sharding import constrain
 from var_jax.tokenizer import quantizer
-from var_jax.transformer.blocks import compute_dtype
 
 # The fastest-running mode on this machine (benchmarks/sample_bench.py).
 DEFAULT_MODE = "unrolled"
@@ -102,24 +101,6 @@ def _apply_edit(tokens, h, codebook, source_tokens, keep):
     tokens = jnp.where(keep, source_tokens, tokens)
     h = jnp.where(keep[..., None], jnp.take(codebook, source_tokens, axis=0), h)
     return tokens, h
-
-
-def _forward_padded(var, x, cond, cache, start, valid_len, kv_len: int):
-    """forward_cached for a padded block: x (rows, P, C) holds `valid_len` real tokens at positions [start, ...);
-    the padding rows are written to the cache (the next scale overwrites them) but masked out as keys.
-    VAR.forward_cached masks keys < start + P, which would let real queries see the padding, hence this variant."""
-    mask = (jnp.arange(kv_len) < start + valid_len)[None, None, None, :]
-    index = (0, jnp.asarray(start, jnp.int32), 0, 0)
-
-    def make_kv_fn(layer_cache):
-        def kv_fn(k, v):
-            new_k = jax.lax.dynamic_update_slice(layer_cache["k"], k.astype(layer_cache["k"].dtype), index)
-            new_v = jax.lax.dynamic_update_slice(layer_cache["v"], v.astype(layer_cache["v"].dtype), index)
-            return new_k[:, :kv_len], new_v[:, :kv_len], mask, {"k": new_k, "v": new_v}
-        return kv_fn
-
-    x, cache = var._run_blocks(x.astype(compute_dtype(var.cfg)), cond, make_kv_fn, cache=cache)
-    return var.logits(x, cond), cache
 
 
 def _pad_rows(x, rows: int):
@@ -201,8 +182,10 @@ class _ScaleWalker:
 
         def body(carry, step):
             cache, f_hat, x = carry
-            logits2, cache = _forward_padded(self.var, x[:, :step_rows], self.cond, cache, step["start"],
-                                             step["valid"], seg.kv_len)
+            # padded step: only its first `valid` rows are real tokens; the padding rows are written to the cache
+            # (the next scale overwrites them) but masked out as keys
+            logits2, cache = self.var.forward_cached(x[:, :step_rows], self.cond, cache, step["start"],
+                                                     kv_len=seg.kv_len, valid_len=step["valid"])
             logits = _guided_logits(logits2, step["t"], options.guided)
             tokens, h = _choose(logits, self.keys, step["si"], step["ratio"], self.codebook, options)
             if self.edit is not None:
