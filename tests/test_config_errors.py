@@ -92,3 +92,17 @@ def test_cli_overrides_apply_with_types(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "total_steps: 4" in proc.stdout and "tblr: 0.0003" in proc.stdout
     assert "- 2\n- 2\n- 2" in proc.stdout.replace("  ", "") or "mesh: !!python/tuple" in proc.stdout
+
+
+def test_tokenizer_checkpoint_accepts_a_training_workdir(tokenizer_dir, tmp_path):
+    """A tokenizer training workdir holds the run's config.json *and* the exported model in model/."""
+    import json
+    import shutil
+    from var_jax.train.var_stage import resolve_tokenizer_dir
+    workdir = tmp_path / "tokenizer_run"
+    shutil.copytree(tokenizer_dir, workdir / "model")
+    (workdir / "config.json").write_text(json.dumps({"stage": "tokenizer"}))
+    assert resolve_tokenizer_dir(str(workdir)) == workdir / "model"
+    assert resolve_tokenizer_dir(str(workdir / "model")) == workdir / "model"
+    with pytest.raises(ConfigError, match="tokenizer_checkpoint"):
+        resolve_tokenizer_dir(str(tmp_path / "missing"))

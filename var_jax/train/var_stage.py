@@ -22,14 +22,18 @@ _DERIVED = ("width", "heads", "num_classes", "drop_path_rate", "init_adaln_gamma
 
 def resolve_tokenizer_dir(path: str) -> Path:
     """A model directory, or a tokenizer training workdir whose exported model is WORKDIR/model."""
-    from var_jax.checkpoints import CONFIG_FILE
+    from var_jax.checkpoints import CONFIG_FILE, CheckpointError, read_model_config
     if not path:
         raise ConfigError("tokenizer_checkpoint: required for the var stage (a model directory from "
                           "`var-jax convert`, or a tokenizer training workdir)")
     root = Path(path)
+    # A training workdir has a config.json too (the run's config), so a candidate must hold a *model* config.
     for candidate in (root, root / "model"):
-        if (candidate / CONFIG_FILE).is_file():
+        try:
+            read_model_config(candidate)
             return candidate
+        except CheckpointError:
+            continue
     raise ConfigError(f"tokenizer_checkpoint: {path} is neither a model directory (with {CONFIG_FILE}) nor a "
                       f"training workdir containing model/{CONFIG_FILE}")
 
