@@ -26,14 +26,18 @@ def config(tokenizer_dir):  # noqa: F811
 @pytest.fixture(autouse=True)
 def no_compile(monkeypatch):
     """Every case must fail before the first compilation: make compiling itself an error."""
+    # Import every stage module first: one imported while the patch is active would keep `refuse` for good.
+    import var_jax.tokenizer.training.stage as tokenizer_stage
+    import var_jax.tokenizer.training.state as tokenizer_state
+    import var_jax.train.var_stage as var_stage
     from var_jax.train import state
+
     def refuse(*args, **kwargs):
         raise AssertionError("compiled before the configuration was checked")
-    monkeypatch.setattr(state, "init_train_state", refuse)
-    monkeypatch.setattr(state, "jit_train_step", refuse)
-    import var_jax.train.var_stage as var_stage
-    monkeypatch.setattr(var_stage, "init_train_state", refuse)
-    monkeypatch.setattr(var_stage, "jit_train_step", refuse)
+    for module in (state, var_stage, tokenizer_stage, tokenizer_state):
+        for name in ("init_train_state", "jit_train_step"):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, refuse)
 
 
 @pytest.mark.parametrize("field,value,message", [
