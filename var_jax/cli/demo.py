@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from var_jax.cli import CommandError
+from var_jax.cli.reruns import check_same_settings
 
 SETTINGS_FILE = "demo.json"
 STAGE_DIRS = {"tokenizer": "tokenizer", "var": "var"}
@@ -95,20 +96,6 @@ def sampling_settings(args) -> dict:
     return {k: DEFAULT_SAMPLING[k] if v is None else v for k, v in chosen.items()}
 
 
-def check_settings(workdir: Path, settings: dict):
-    """A rerun must ask for the same run, or it would resume checkpoints of another one."""
-    path = workdir / SETTINGS_FILE
-    if path.exists():
-        previous = json.loads(path.read_text())
-        if previous != settings:
-            changed = sorted(k for k in set(previous) | set(settings) if previous.get(k) != settings.get(k))
-            raise CommandError(f"{workdir} holds a demo run with different settings ({', '.join(changed)}); "
-                               f"use another --workdir or delete it")
-    else:
-        workdir.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(settings, indent=2) + "\n")
-
-
 def train_stage(name: str, spec: str, overrides: list[str], workdir: Path):
     """One `var-jax train` run (resumed by the trainer when its workdir holds checkpoints); skipped when it has
     already exported its model."""
@@ -157,9 +144,10 @@ def run(args):
     workdir = Path(args.workdir)
     (tok_spec, tok_overrides), (var_spec, var_overrides) = stage_configs(args)
     sampling = sampling_settings(args)
-    check_settings(workdir, {"tokenizer_config": tok_spec, "tokenizer_overrides": tok_overrides,
-                             "var_config": var_spec, "var_overrides": var_overrides,
-                             "num_per_class": args.num_per_class, "seed": args.seed, **sampling})
+    settings = {"tokenizer_config": tok_spec, "tokenizer_overrides": tok_overrides,
+                "var_config": var_spec, "var_overrides": var_overrides,
+                "num_per_class": args.num_per_class, "seed": args.seed, **sampling}
+    check_same_settings(workdir, SETTINGS_FILE, settings, "a demo run", "--workdir")
 
     train_stage("stage 1/3, tokenizer", tok_spec, tok_overrides + wiring_overrides(workdir, "tokenizer"),
                 workdir / STAGE_DIRS["tokenizer"])

@@ -54,7 +54,6 @@ def _load(path: str, size: int, grey: bool = False):
 
 
 def run(args):
-    import numpy as np
     from PIL import Image
 
     from var_jax.checkpoints import CheckpointError, load_model_dir

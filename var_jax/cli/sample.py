@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
-import os
 import zipfile
 from pathlib import Path
 
 from var_jax.cli import CommandError
+from var_jax.cli.reruns import atomic_write, check_same_settings
 
 MODES = ("unrolled", "grouped", "scanned")   # var_jax.sample.schedule.MODES, without importing jax for --help
 SHARDS_DIR = "shards"
@@ -66,27 +65,6 @@ def plan_labels(classes: str | None, num_per_class: int, num_classes: int):
     return np.repeat(np.asarray(ids, np.int64), num_per_class)
 
 
-def _atomic_write(path: Path, write_fn):
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write_fn(f)
-    os.replace(tmp, path)
-
-
-def _check_run(out: Path, run: dict):
-    """A rerun must be the same run, or the shards on disk would mix two different ones."""
-    run_file = out / RUN_FILE
-    if run_file.exists():
-        previous = json.loads(run_file.read_text())
-        if previous != run:
-            changed = sorted(k for k in set(previous) | set(run) if previous.get(k) != run.get(k))
-            raise CommandError(f"{out} holds an unfinished run with different settings ({', '.join(changed)}); "
-                               f"use another --out or delete it")
-    else:
-        out.mkdir(parents=True, exist_ok=True)
-        _atomic_write(run_file, lambda f: f.write((json.dumps(run, indent=2) + "\n").encode()))
-
-
 def write_adm_npz(path: Path, shard_paths, num_images: int, image_shape, labels):
     """Stream the shards into one .npz (arr_0 uint8 NHWC, arr_1 int64 labels) without holding every image in
     memory: the zip entry is a .npy header followed by each shard's bytes."""
@@ -103,7 +81,7 @@ def write_adm_npz(path: Path, shard_paths, num_images: int, image_shape, labels)
                         entry.write(np.ascontiguousarray(data["images"]).tobytes())
             with zf.open("arr_1.npy", "w") as entry:
                 np.lib.format.write_array(entry, np.asarray(labels, np.int64))
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def run(args):
@@ -145,7 +123,7 @@ def run(args):
                   "labels_sha1": hashlib.sha1(labels.tobytes()).hexdigest(), "num_images": int(len(labels))}
     writer = jax.process_index() == 0
     if writer:
-        _check_run(out, run_config)
+        check_same_settings(out, RUN_FILE, run_config, "an unfinished run", "--out")
         (out / SHARDS_DIR).mkdir(exist_ok=True)
     batches = [(start, min(start + args.batch_size, len(labels))) for start in range(0, len(labels), args.batch_size)]
     shard_paths = [out / SHARDS_DIR / f"images_{a:07d}_{b:07d}.npz" for a, b in batches]
@@ -163,7 +141,7 @@ def run(args):
                 a, b = batches[i]
                 images = sampler(labels[a:b], image_ids=np.arange(a, b), seed=args.seed, pad_to=args.batch_size)["images"]
                 if writer:
-                    _atomic_write(shard_paths[i], lambda f: np.savez(f, images=images, labels=labels[a:b]))
+                    atomic_write(shard_paths[i], lambda f: np.savez(f, images=images, labels=labels[a:b]))
                 progress.update(b - a)
 
     if writer:
