@@ -2,9 +2,10 @@
 
 One global stream is defined for all hosts: a seeded shuffle of the source (a new order every epoch), the
 epochs concatenated, each element transformed with a generator seeded by its position in the stream. Host p of
-P then takes stream positions p, p+P, p+2P, ... and batches them by global_batch_size / P. Global batch k is
-therefore the same set of examples, with the same random crops, whatever the number of hosts; shards are
-disjoint and cover the stream.
+P then takes the p-th block of b = global_batch_size / P consecutive positions of every global batch. Global
+batch k, assembled from the hosts' blocks in process order, is therefore the same examples in the same order,
+with the same random crops, whatever the number of hosts (so per-row randomness such as class dropout does not
+depend on it either); shards are disjoint and cover the stream.
 
 The iterator (`iter(make_dataset(...))`) is a grain DatasetIterator: `get_state()` / `set_state()` give a small
 JSON-able dict; `checkpoint_save_args` / `checkpoint_restore_args` wrap it for an orbax CheckpointManager.
@@ -81,8 +82,9 @@ def make_dataset(source, *, image_size: int, global_batch_size: int, seed: int, 
         dataset = dataset.map(functools.partial(_eval_example, image_size=image_size))
     # Batched before the iterator, so that a batch is one element: grain worker processes then each build
     # whole batches and interleave them back in order, and the batches do not depend on worker_count.
-    batches = dataset[shard_index::shard_count].batch(global_batch_size // shard_count,
-                                                      drop_remainder=drop_remainder)
+    # MapDataset is lazy: a host only reads and transforms the blocks it keeps.
+    batches = dataset.batch(global_batch_size // shard_count, drop_remainder=drop_remainder)
+    batches = batches[shard_index::shard_count]
     batches = batches.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                         prefetch_buffer_size=prefetch_buffer_size))
     if worker_count > 0:
