@@ -5,7 +5,8 @@ Defaults are the released tokenizer `vae_ch160v4096z32.pth` at 256 px (VAR_REFER
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+
+from var_jax.scale_config import ScaleScheduleConfig
 
 # GroupNorm in every encoder/decoder block uses 32 groups (the reference's `Normalize`).
 NORM_GROUPS = 32
@@ -14,7 +15,7 @@ IDENTITY_PHI_THRESHOLD = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
-class TokenizerConfig:
+class TokenizerConfig(ScaleScheduleConfig):
     vocab_size: int = 4096
     z_channels: int = 32                  # Cvae, the latent (and codebook) width
     ch: int = 160
@@ -52,14 +53,6 @@ class TokenizerConfig:
     @property
     def image_size(self) -> int:
         return self.latent_size * self.downsample
-
-    @property
-    def num_scales(self) -> int:
-        return len(self.patch_nums)
-
-    @property
-    def seq_len(self) -> int:
-        return sum(pn * pn for pn in self.patch_nums)
 
     @property
     def attention_levels(self) -> tuple[int, ...]:
@@ -111,18 +104,6 @@ class TokenizerConfig:
                                f"{image_size / self.downsample:g} for {image_size} px images, "
                                f"which needs patch_nums[-1] * {self.downsample} == {image_size}")
         return self
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "TokenizerConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"TokenizerConfig: unknown field(s) {unknown}")
-        return cls(**d)
 
 
 # The reference's scale schedules of the released models, by image size.

@@ -7,10 +7,11 @@ keeps the already-resolved width and heads.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
+
+from var_jax.scale_config import ScaleScheduleConfig
 
 # Token-map side lengths of the released models (256 px and 512 px images, downsample 16).
 PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
@@ -28,7 +29,7 @@ ATTENTION_IMPLS = ("auto", "grouped", "xla", "cudnn")
 
 
 @dataclass(frozen=True)
-class VARConfig:
+class VARConfig(ScaleScheduleConfig):
     depth: int = 16
     width: int | None = None            # -> 64·depth
     heads: int | None = None            # -> depth
@@ -71,15 +72,6 @@ class VARConfig:
     @property
     def mlp_hidden(self) -> int:
         return round(self.width * self.mlp_ratio)
-
-    @property
-    def num_scales(self) -> int:
-        return len(self.patch_nums)
-
-    @property
-    def seq_len(self) -> int:
-        """L = Σ pn²: every token of every scale."""
-        return sum(p * p for p in self.patch_nums)
 
     @property
     def first_l(self) -> int:
@@ -130,19 +122,6 @@ class VARConfig:
         need(self.compute_dtype in COMPUTE_DTYPES, "compute_dtype", f"must be one of {COMPUTE_DTYPES}")
         need(self.attention_impl in ATTENTION_IMPLS, "attention_impl", f"must be one of {ATTENTION_IMPLS}")
         return self
-
-    def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["patch_nums"] = list(self.patch_nums)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "VARConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ValueError(f"VARConfig: unknown field(s) {unknown}")
-        return cls(**d)
 
 
 def preset(depth: int, **overrides) -> VARConfig:
