@@ -23,6 +23,17 @@ class CommandError(Exception):
     """A user-facing error: printed without a traceback, exit status 2."""
 
 
+def parse_int_list(text: str, what: str) -> tuple[int, ...]:
+    """'1,2,3' -> (1, 2, 3); an error naming the option `what` when it is not a non-empty integer list."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise CommandError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise CommandError(f"{what} is empty")
+    return values
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The top-level parser; only `command`'s module is imported and given its arguments."""
     parser = argparse.ArgumentParser(prog="var-jax", description=__doc__.splitlines()[0])

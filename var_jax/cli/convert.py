@@ -11,17 +11,7 @@ to the 256 px schedule.
 """
 from __future__ import annotations
 
-from var_jax.cli import CommandError
-
-
-def parse_int_list(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise CommandError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise CommandError("expected at least one integer")
-    return values
+from var_jax.cli import CommandError, parse_int_list
 
 
 def add_arguments(parser):
@@ -51,7 +41,7 @@ def run(args):
     from var_jax.tokenizer.config import REFERENCE_PATCH_NUMS
     from var_jax.tokenizer.convert import vqvae_from_state_dict
 
-    patch_nums = parse_int_list(args.patch_nums) if args.patch_nums else None
+    patch_nums = parse_int_list(args.patch_nums, "--patch-nums") if args.patch_nums else None
     try:
         var_sd = read_state_dict(args.var, args.var_key) if args.var else None
         if patch_nums is None and var_sd is not None:

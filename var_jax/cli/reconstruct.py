@@ -14,7 +14,7 @@ import functools
 
 from pathlib import Path
 
-from var_jax.cli import CommandError
+from var_jax.cli import CommandError, parse_int_list
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -82,13 +82,12 @@ def run(args):
     from tqdm import tqdm
 
     from var_jax.checkpoints import CheckpointError, load_model_dir
-    from var_jax.cli.convert import parse_int_list
     from var_jax.data.transforms import from_model_range, to_model_range
     from var_jax.eval.metrics import psnr
     from var_jax.sharding import batch_sharding, data_parallel_size, make_mesh
 
     try:
-        mesh = make_mesh(parse_int_list(args.mesh))
+        mesh = make_mesh(parse_int_list(args.mesh, "--mesh"))
     except ValueError as e:
         raise CommandError(f"--mesh: {e}") from None
     dp = data_parallel_size(mesh)

@@ -16,7 +16,7 @@ import hashlib
 import zipfile
 from pathlib import Path
 
-from var_jax.cli import CommandError
+from var_jax.cli import CommandError, parse_int_list
 from var_jax.cli.reruns import atomic_write, check_same_settings
 
 MODES = ("unrolled", "grouped", "scanned")   # var_jax.sample.schedule.MODES, without importing jax for --help
@@ -43,21 +43,12 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--out", required=True, help="output directory: samples.npz, grid.png, shards/")
 
 
-def parse_int_list(text: str, what: str) -> list[int]:
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise CommandError(f"{what} must be comma-separated integers, got {text!r}") from None
-
-
 def plan_labels(classes: str | None, num_per_class: int, num_classes: int):
     """Labels of every image, class by class; class ids are checked against the model."""
     import numpy as np
     if num_per_class < 1:
         raise CommandError(f"--num-per-class must be >= 1, got {num_per_class}")
     ids = list(range(num_classes)) if classes is None else parse_int_list(classes, "--classes")
-    if not ids:
-        raise CommandError("--classes is empty")
     bad = [c for c in ids if not 0 <= c < num_classes]
     if bad:
         raise CommandError(f"--classes: class ids {bad[:10]} out of range; this model has classes "
