@@ -2,7 +2,6 @@
 teacher forcing, and its invariances: modes, batch size, devices, seeds."""
 import functools
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -13,7 +13,7 @@ from flax import nnx
 
 from conftest import load_fixture, state_dict
 from var_jax.train import optimizer, progressive, var_loss, var_step
-from var_jax.train.state import ModelParts, abstract_train_state, init_train_state, jit_train_step, model_parts
+from var_jax.train.state import abstract_train_state, init_train_state, jit_train_step, model_parts
 from var_jax.sharding import make_mesh
 from var_jax.transformer import VAR, VARConfig
 
