@@ -1,9 +1,18 @@
 """`python -m var_jax demo --quick`: both trainings, sampling and scoring end to end (the digits configs with a
 one-block VAR, two steps of batch 8 per stage), then reruns on the same workdir: a finished run is skipped stage
 by stage, an interrupted VAR training resumes from its checkpoint, and a rerun asking for other settings is
-refused."""
+refused.
+
+The module's run is the README's main command exactly as a newcomer types it (with --quick): a subprocess from the
+repository root with a relative `--workdir workdirs/...`; the other commands are then run from another directory
+with relative and `~` paths.
+"""
 import json
+import os
 import shutil
+import subprocess
+import sys
+import uuid
 
 import numpy as np
 import pytest
@@ -11,6 +20,7 @@ from PIL import Image
 
 pytest.importorskip("jax")
 
+from conftest import REPO_ROOT  # noqa: E402
 from var_jax.cli import main  # noqa: E402
 
 QUICK_IMAGE = 32
@@ -32,10 +42,28 @@ def logged_steps(stage_dir):
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    workdir = tmp_path_factory.mktemp("demo")
-    assert demo(workdir) == 0
-    return workdir
+def finished():
+    relative = f"workdirs/test-demo-{uuid.uuid4().hex[:8]}"
+    # the README's command: `python -m var_jax demo --workdir workdirs/demo`, run from the repo root
+    proc = subprocess.run([sys.executable, "-m", "var_jax", "demo", "--workdir", relative, "--quick"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    workdir = REPO_ROOT / relative
+    yield workdir
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_commands_take_relative_and_home_paths_from_another_directory(finished, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    model = os.path.relpath(finished / "var" / "model")          # ../../.../workdirs/test-demo-*/var/model
+    assert main(["sample", "--checkpoint", model, "--classes", "3,7", "--num-per-class", "1", "--out", "out"]) == 0
+    assert main(["reconstruct", "--checkpoint", model, "--images", "out/samples.npz", "--out", "~/rec.npz"]) == 0
+    with np.load(elsewhere / "out" / "samples.npz") as samples, np.load(tmp_path / "rec.npz") as rec:
+        assert rec["arr_0"].shape == samples["arr_0"].shape == (2, QUICK_IMAGE, QUICK_IMAGE, 3)
+        np.testing.assert_array_equal(samples["arr_1"], [3, 7])
 
 
 def test_outputs_have_the_adm_layout_ten_per_class_a_grid_and_a_score(finished):

@@ -10,7 +10,7 @@ from conftest import load_fixture, run_with_devices, state_dict
 
 from var_jax.checkpoints import ModelBundle
 from var_jax.sample import filtering
-from var_jax.sample.grid import image_grid, to_uint8
+from var_jax.images import image_grid, to_uint8
 from var_jax.sample.runner import Sampler, check_labels
 from var_jax.sample.sampler import SampleOptions, make_sample_fn
 from var_jax.sample.schedule import MODES, scale_plan

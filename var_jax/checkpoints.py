@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import uuid
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from etils import epath
+
+from var_jax.paths import atomic_write_text, user_path
 
 FORMAT_NAME = "var-jax-model"
 FORMAT_VERSION = 1
@@ -46,20 +46,20 @@ def _param_dict(model) -> dict:
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
-def save_model_dir(directory, tokenizer=None, var=None, *, overwrite: bool = False) -> Path:
+def save_model_dir(directory, tokenizer=None, var=None, *, overwrite: bool = False) -> epath.Path:
     """Write a model directory from `tokenizer=(TokenizerConfig, VQVAE)` and/or `var=(VARConfig, VAR)`."""
     import jax
     import orbax.checkpoint as ocp
 
     if tokenizer is None and var is None:
         raise ValueError("save_model_dir: nothing to save (give tokenizer=(config, model) and/or var=(config, model))")
-    directory = Path(directory).absolute()
+    directory = user_path(directory)
     if directory.exists() and not overwrite:
         raise CheckpointError(f"{directory} already exists (pass overwrite=True to replace it)")
     # The same temporary name on every host (each writes its shards there); a stale one from a crash is removed.
     tmp = directory.parent / f".{directory.name}.partial"
-    if jax.process_index() == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if jax.process_index() == 0 and tmp.exists():
+        tmp.rmtree()
     _sync_hosts("var_jax.save_model_dir.start")
     config = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
               "tokenizer": tokenizer[0].to_dict() if tokenizer else None,
@@ -70,14 +70,14 @@ def save_model_dir(directory, tokenizer=None, var=None, *, overwrite: bool = Fal
                 checkpointer.save(tmp / part, _param_dict(pair[1]))
         checkpointer.wait_until_finished()
     if jax.process_index() == 0:
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        atomic_write_text(tmp / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
         if directory.exists():
             trash = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(directory, trash)
-            os.rename(tmp, directory)
-            shutil.rmtree(trash)
+            directory.rename(trash)
+            tmp.rename(directory)
+            trash.rmtree()
         else:
-            os.rename(tmp, directory)
+            tmp.rename(directory)
     _sync_hosts("var_jax.save_model_dir.done")
     return directory
 
@@ -91,7 +91,7 @@ def _sync_hosts(name: str):
 
 def read_model_config(directory) -> dict:
     """config.json of a model directory, checked for format and version."""
-    directory = Path(directory)
+    directory = user_path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"checkpoint directory {directory} does not exist")
     path = directory / CONFIG_FILE
@@ -118,7 +118,7 @@ def _flat_shapes(tree) -> dict[str, tuple]:
             for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def _restore_module(path: Path, model_fn, mesh, what: str):
+def _restore_module(path: epath.Path, model_fn, mesh, what: str):
     """Rebuild a module from its constructor and restore its parameters, directly onto their shardings."""
     import jax
     import orbax.checkpoint as ocp
@@ -157,7 +157,7 @@ def load_model_dir(directory, mesh=None) -> ModelBundle:
     from var_jax.tokenizer.config import TokenizerConfig
     from var_jax.tokenizer.vqvae import VQVAE
 
-    directory = Path(directory)
+    directory = user_path(directory)
     config = read_model_config(directory)
     bundle = ModelBundle()
     try:
@@ -219,13 +219,13 @@ def read_state_dict(path, key: str | None = None) -> dict[str, np.ndarray]:
     `key` selects a nested entry: dotted names for torch files ('trainer.vae_local'), the `key/` prefix of npz
     entries ('vae' picks 'vae/...'). Without it a top-level dict wrapping the state_dict is unwrapped.
     """
-    path = Path(path)
+    path = user_path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".npz":
         try:
-            with np.load(path, allow_pickle=False) as data:
+            with path.open("rb") as f, np.load(f, allow_pickle=False) as data:
                 arrays = {k: data[k] for k in data.files}
         except Exception as e:  # zipfile / numpy raise many types for a damaged file
             raise CheckpointError(f"cannot read {path} as .npz: {e}") from None
@@ -242,7 +242,8 @@ def read_state_dict(path, key: str | None = None) -> dict[str, np.ndarray]:
     except ImportError:
         raise CheckpointError(f"reading {path} needs PyTorch: pip install -e .[convert]") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with path.open("rb") as f:
+            obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle / zip errors of a damaged or non-torch file
         raise CheckpointError(f"cannot read {path} with torch.load(weights_only=True): {e}") from None
     return {k: _tensor_to_numpy(v) for k, v in _select(obj, key, path).items()}

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
-from pathlib import Path
 
 from var_jax.cli import CommandError
 from var_jax.cli.reruns import check_same_settings
+from var_jax.paths import atomic_write_text, user_path
 
 SETTINGS_FILE = "demo.json"
 STAGE_DIRS = {"tokenizer": "tokenizer", "var": "var"}
@@ -41,11 +42,11 @@ QUICK = {
 }
 
 
-def default_config_dir() -> Path:
+def default_config_dir() -> str:
     """The repository's configs/ (beside the var_jax package), else ./configs."""
     import var_jax
-    beside_package = Path(var_jax.__file__).resolve().parent.parent / "configs"
-    return beside_package if beside_package.is_dir() else Path("configs")
+    beside_package = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(var_jax.__file__))), "configs")
+    return beside_package if os.path.isdir(beside_package) else os.path.abspath("configs")
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -68,8 +69,8 @@ def add_arguments(parser: argparse.ArgumentParser):
 def stage_configs(args):
     """(tokenizer config spec, overrides), (VAR config spec, overrides) for the train command's loader."""
     config_dir = default_config_dir()
-    tok_spec = args.tokenizer_config or str(config_dir / "digits_tokenizer.py")
-    var_spec = args.var_config or str(config_dir / "digits_var.py")
+    tok_spec = args.tokenizer_config or os.path.join(config_dir, "digits_tokenizer.py")
+    var_spec = args.var_config or os.path.join(config_dir, "digits_var.py")
     tok_overrides, var_overrides = [], []
     if args.quick:
         tok_spec, tok_overrides = _with_arg(tok_spec, QUICK["tokenizer"][0]), list(QUICK["tokenizer"][1])
@@ -77,12 +78,12 @@ def stage_configs(args):
     return (tok_spec, tok_overrides), (var_spec, var_overrides)
 
 
-def wiring_overrides(workdir: Path, stage: str) -> list[str]:
+def wiring_overrides(workdir, stage: str) -> list[str]:
     """What the demo always sets: no PNG grids during training (the demo samples once at the end; each grid
     costs a compile), and stage 1's model as the VAR stage's tokenizer."""
     if stage == "tokenizer":
         return ["sample_every=0"]
-    tokenizer_model = (workdir / STAGE_DIRS["tokenizer"] / MODEL_DIR).absolute()
+    tokenizer_model = user_path(workdir) / STAGE_DIRS["tokenizer"] / MODEL_DIR
     return [f"tokenizer_checkpoint={tokenizer_model}", "sample_every=0"]
 
 
@@ -96,7 +97,7 @@ def sampling_settings(args) -> dict:
     return {k: DEFAULT_SAMPLING[k] if v is None else v for k, v in chosen.items()}
 
 
-def train_stage(name: str, spec: str, overrides: list[str], workdir: Path):
+def train_stage(name: str, spec: str, overrides: list[str], workdir):
     """One `var-jax train` run (resumed by the trainer when its workdir holds checkpoints); skipped when it has
     already exported its model."""
     from var_jax.cli import train
@@ -109,7 +110,7 @@ def train_stage(name: str, spec: str, overrides: list[str], workdir: Path):
                                  distributed=False, coordinator_address=None, num_processes=None, process_id=None))
 
 
-def sample_stage(checkpoint: Path, out: Path, num_per_class: int, sampling: dict, seed: int):
+def sample_stage(checkpoint, out, num_per_class: int, sampling: dict, seed: int):
     from var_jax.cli import sample
     argv = ["--checkpoint", str(checkpoint), "--out", str(out), "--num-per-class", str(num_per_class),
             "--cfg", str(sampling["cfg"]), "--top-k", str(sampling["top_k"]), "--top-p", str(sampling["top_p"]),
@@ -120,13 +121,13 @@ def sample_stage(checkpoint: Path, out: Path, num_per_class: int, sampling: dict
     sample.run(parser.parse_args(argv))
 
 
-def score_samples(out: Path, num_per_class: int) -> dict:
+def score_samples(out, num_per_class: int) -> dict:
     """Classifier accuracy on the samples (and the in-distribution share); a one-row-per-class grid.png."""
     import numpy as np
 
     from var_jax.eval.digits_classifier import digits_classifier
-    from var_jax.sample.grid import save_grid
-    with np.load(out / "samples.npz") as data:
+    from var_jax.images import save_grid
+    with (out / "samples.npz").open("rb") as f, np.load(f) as data:
         images, labels = data["arr_0"], data["arr_1"]
     # the sample command's grid holds the first 64 images; the demo's shows them all, one class per row
     save_grid(out / "grid.png", images, columns=num_per_class)
@@ -141,7 +142,7 @@ def run(args):
     if args.num_per_class < 1:
         raise CommandError(f"--num-per-class must be >= 1, got {args.num_per_class}")
     start = time.perf_counter()
-    workdir = Path(args.workdir)
+    workdir = user_path(args.workdir)
     (tok_spec, tok_overrides), (var_spec, var_overrides) = stage_configs(args)
     sampling = sampling_settings(args)
     settings = {"tokenizer_config": tok_spec, "tokenizer_overrides": tok_overrides,
@@ -158,7 +159,7 @@ def run(args):
 
     score = score_samples(out, args.num_per_class)
     score["wall_s_this_run"] = round(time.perf_counter() - start, 1)
-    (out / SCORE_FILE).write_text(json.dumps(score, indent=2) + "\n")
+    atomic_write_text(out / SCORE_FILE, json.dumps(score, indent=2) + "\n")
     print(f"[demo] digits classifier on the samples: accuracy {score['accuracy']:.1%} "
           f"(real held-out digits: {score['real_digits_accuracy']:.1%}), in-distribution "
           f"{score['in_distribution']:.1%}; predicted per class {score['predicted_counts']}", flush=True)

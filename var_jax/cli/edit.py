@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 
 from var_jax.cli import CommandError
+from var_jax.paths import atomic_write, user_path
 
 
 def add_arguments(parser: argparse.ArgumentParser):
@@ -42,7 +43,7 @@ def _load(path: str, size: int, grey: bool = False):
 
     from var_jax.data.transforms import preprocess
     try:
-        with Image.open(path) as image:
+        with user_path(path).open("rb") as f, Image.open(f) as image:
             image.load()
             original = image.size
             array = np.asarray(image.convert("RGB"), np.uint8)
@@ -57,7 +58,13 @@ def run(args):
     from PIL import Image
 
     from var_jax.checkpoints import CheckpointError, load_model_dir
+    from var_jax.images import image_format
     from var_jax.sample.edit import edit
+
+    try:
+        image_format(args.out)
+    except ValueError as e:
+        raise CommandError(f"--out {e}") from None
     from var_jax.sample.sampler import SampleOptions
 
     try:
@@ -87,7 +94,8 @@ def run(args):
                       options=options)
     except ValueError as e:
         raise CommandError(str(e)) from None
-    Image.fromarray(result["image"]).save(args.out)
+    out = user_path(args.out)
+    atomic_write(out, lambda f: Image.fromarray(result["image"]).save(f, format=image_format(out)))
     kept = sum(int(k.sum()) for k in result["keep"])
     total = sum(k.size for k in result["keep"])
     print(f"wrote {args.out} ({args.mode}: {total - kept} of {total} tokens regenerated)")

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import functools
 
-from pathlib import Path
-
 from var_jax.cli import CommandError, parse_int_list
+from var_jax.paths import atomic_write, user_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -32,7 +31,7 @@ def load_images(source: str, image_size: int):
     """uint8 (N, image_size, image_size, 3) from an .npz (arr_0) or a folder of image files."""
     import numpy as np
 
-    path = Path(source)
+    path = user_path(source)
     if path.is_dir():
         from var_jax.data.transforms import load_image_for_eval
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -42,7 +41,7 @@ def load_images(source: str, image_size: int):
     if path.suffix.lower() != ".npz" or not path.is_file():
         raise CommandError(f"--images {path}: expected an existing .npz file or a folder of images")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with path.open("rb") as f, np.load(f, allow_pickle=False) as data:
             if "arr_0" not in data.files:
                 raise CommandError(f"--images {path}: no 'arr_0' entry (has {data.files})")
             images = data["arr_0"]
@@ -120,8 +119,8 @@ def run(args):
 
     out = {"arr_0": np.concatenate(recs)}
     out.update({f"tokens_{k}": np.concatenate(t) for k, t in enumerate(tokens)})
-    out_path = Path(args.out)
+    out_path = user_path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out_path, **out)
+    atomic_write(out_path, lambda f: np.savez(f, **out))
     print(f"PSNR {psnr(out['arr_0'], images):.2f} dB over {n} images ({cfg.image_size} px); wrote {out_path}")
     return 0

@@ -2,22 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 
 from var_jax.cli import CommandError
+from var_jax.paths import atomic_write_text, user_path
 
 
-def atomic_write(path: Path, write_fn):
-    """Write through a temporary file and rename it into place: a killed process never leaves half a file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write_fn(f)
-    os.replace(tmp, path)
-
-
-def check_same_settings(directory: Path, file_name: str, settings: dict, what: str, option: str):
+def check_same_settings(directory, file_name: str, settings: dict, what: str, option: str):
     """Record `settings` in directory/file_name on the first run; refuse a rerun that asks for different ones."""
+    directory = user_path(directory)
     path = directory / file_name
     if path.exists():
         previous = json.loads(path.read_text())
@@ -27,4 +19,4 @@ def check_same_settings(directory: Path, file_name: str, settings: dict, what: s
                                f"use another {option} or delete it")
     else:
         directory.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda f: f.write((json.dumps(settings, indent=2) + "\n").encode()))
+        atomic_write_text(path, json.dumps(settings, indent=2) + "\n")

@@ -14,10 +14,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import zipfile
-from pathlib import Path
-
 from var_jax.cli import CommandError, parse_int_list
-from var_jax.cli.reruns import atomic_write, check_same_settings
+from var_jax.cli.reruns import check_same_settings
+from var_jax.paths import atomic_write, user_path
 
 MODES = ("unrolled", "grouped", "scanned")   # var_jax.sample.schedule.MODES, without importing jax for --help
 SHARDS_DIR = "shards"
@@ -56,7 +55,7 @@ def plan_labels(classes: str | None, num_per_class: int, num_classes: int):
     return np.repeat(np.asarray(ids, np.int64), num_per_class)
 
 
-def write_adm_npz(path: Path, shard_paths, num_images: int, image_shape, labels):
+def write_adm_npz(path, shard_paths, num_images: int, image_shape, labels):
     """Stream the shards into one .npz (arr_0 uint8 NHWC, arr_1 int64 labels) without holding every image in
     memory: the zip entry is a .npy header followed by each shard's bytes."""
     import numpy as np
@@ -68,7 +67,7 @@ def write_adm_npz(path: Path, shard_paths, num_images: int, image_shape, labels)
                     entry, {"descr": np.dtype(np.uint8).str, "fortran_order": False,
                             "shape": (num_images, *image_shape)})
                 for shard in shard_paths:
-                    with np.load(shard) as data:
+                    with shard.open("rb") as g, np.load(g) as data:
                         entry.write(np.ascontiguousarray(data["images"]).tobytes())
             with zf.open("arr_1.npy", "w") as entry:
                 np.lib.format.write_array(entry, np.asarray(labels, np.int64))
@@ -94,7 +93,7 @@ def run(args):
 
     import jax
 
-    from var_jax.sample.grid import save_grid
+    from var_jax.images import save_grid
     from var_jax.sample.runner import Sampler
     from var_jax.sample.sampler import DEFAULT_MODE, SampleOptions
     from var_jax.sharding import make_mesh
@@ -106,9 +105,9 @@ def run(args):
     except ValueError as e:
         raise CommandError(str(e)) from None
 
-    out = Path(args.out)
+    out = user_path(args.out)
     # everything that decides the images and the shard boundaries (the mode does not change the images)
-    run_config = {"checkpoint": str(Path(args.checkpoint).absolute()), "seed": args.seed,
+    run_config = {"checkpoint": str(user_path(args.checkpoint)), "seed": args.seed,
                   "batch_size": args.batch_size, "cfg": args.cfg, "cfg_schedule": args.cfg_schedule,
                   "top_k": args.top_k, "top_p": args.top_p, "more_smooth": args.more_smooth,
                   "labels_sha1": hashlib.sha1(labels.tobytes()).hexdigest(), "num_images": int(len(labels))}
@@ -136,14 +135,15 @@ def run(args):
                 progress.update(b - a)
 
     if writer:
-        with np.load(shard_paths[0]) as first:
+        with shard_paths[0].open("rb") as f, np.load(f) as first:
             image_shape = first["images"].shape[1:]
         write_adm_npz(out / "samples.npz", shard_paths, len(labels), image_shape, labels)
         grid = []
         for path in shard_paths:
-            with np.load(path) as data:
+            with path.open("rb") as f, np.load(f) as data:
                 grid.append(data["images"][:GRID_IMAGES - sum(len(g) for g in grid)])
             if sum(len(g) for g in grid) >= GRID_IMAGES:
                 break
         save_grid(out / "grid.png", np.concatenate(grid), columns=8)
         print(f"wrote {len(labels)} images to {out / 'samples.npz'} and {out / 'grid.png'}")
+    return 0

@@ -60,17 +60,17 @@ def split_overrides(args):
 def load_config(spec: str):
     """Import FILE, call get_config(ARG) (or get_config())."""
     import importlib.util
-    from pathlib import Path
+    import os
 
     from var_jax.cli import CommandError
     path, _, arg = spec.partition(":")
-    path = Path(path)
-    if not path.is_file():
+    path = os.path.abspath(os.path.expanduser(path))
+    if not os.path.isfile(path):
         raise CommandError(f"--config: no config file {path}")
-    root = str(path.resolve().parent.parent)   # so that `from configs import common` works
+    root = os.path.dirname(os.path.dirname(path))   # so that `from configs import common` works
     if root not in sys.path:
         sys.path.insert(0, root)
-    module_spec = importlib.util.spec_from_file_location(f"_var_jax_config_{path.stem}", path)
+    module_spec = importlib.util.spec_from_file_location(f"_var_jax_config_{os.path.splitext(os.path.basename(path))[0]}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):

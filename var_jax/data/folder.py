@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from var_jax.paths import is_local, user_path
 
 log = logging.getLogger(__name__)
 
@@ -28,27 +29,33 @@ MAX_SUBSTITUTIONS = 64
 
 def decode_rgb(path: str | os.PathLike) -> np.ndarray:
     """An image file -> uint8 (H, W, 3); raises on unreadable or truncated files."""
-    with Image.open(path) as image:
+    with user_path(path).open("rb") as f, Image.open(f) as image:
         image.load()   # force the full decode here, so truncation fails now and not inside the transform
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
 def list_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
     """(class names, [(path, label), ...]) of an ImageFolder tree; clear errors for missing or empty trees."""
-    root = Path(root)
+    root = user_path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {str(root)!r} does not exist or is not a directory")
-    classes = sorted(entry.name for entry in os.scandir(root) if entry.is_dir())
+    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
     if not classes:
         raise ValueError(f"image folder {str(root)!r} has no class sub-folders")
     samples = []
     for label, name in enumerate(classes):
-        for dirpath, _, filenames in sorted(os.walk(root / name, followlinks=True)):
-            samples.extend((os.path.join(dirpath, f), label) for f in sorted(filenames)
-                           if f.lower().endswith(IMAGE_EXTENSIONS))
+        samples.extend((path, label) for path in _image_files(root / name))
     if not samples:
         raise ValueError(f"image folder {str(root)!r} has no image files (extensions {IMAGE_EXTENSIONS})")
     return classes, samples
+
+
+def _image_files(directory) -> list[str]:
+    """Image files under `directory`, sorted; local trees follow symbolic links (as torchvision does)."""
+    if is_local(directory):
+        return [os.path.join(dirpath, f) for dirpath, _, filenames in sorted(os.walk(directory, followlinks=True))
+                for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)]
+    return sorted(str(p) for p in directory.rglob("*") if p.name.lower().endswith(IMAGE_EXTENSIONS))
 
 
 class ImageFolderSource:

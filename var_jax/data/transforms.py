@@ -14,6 +14,8 @@ import os
 import numpy as np
 from PIL import Image
 
+from var_jax.paths import user_path
+
 # The reference resizes to 1.125× the final resolution before cropping (VAR's `mid_reso`).
 RESIZE_RATIO = 1.125
 
@@ -97,5 +99,5 @@ def from_model_range(images) -> np.ndarray:
 
 def load_image_for_eval(path: str | os.PathLike, size: int) -> np.ndarray:
     """An image file -> uint8 (size, size, 3) via the reference's evaluation transform (RGB)."""
-    with Image.open(path) as image:
+    with user_path(path).open("rb") as f, Image.open(f) as image:
         return preprocess(image, size, train=False)

@@ -8,7 +8,6 @@
 - runner.py     host driver: mesh placement, batch padding, numpy in/out, `sample_images`
 - masks.py      edit masks (box / image) resized per scale like the reference notebook
 - edit.py       in-painting, out-painting, class-conditional editing
-- grid.py       PNG grids
 """
 from var_jax.sample.edit import edit
 from var_jax.sample.runner import Sampler, sample_images

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from var_jax.sample.grid import to_uint8
+from var_jax.images import to_uint8
 from var_jax.sample.sampler import SampleOptions, make_sample_fn
 from var_jax.sharding import batch_sharding, data_parallel_size, state_shardings
 

@@ -8,13 +8,13 @@ model configuration of the run: resuming with a config whose model differs is re
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
 
 from var_jax.data.pipeline import checkpoint_restore_args, checkpoint_save_args
+from var_jax.paths import atomic_write_text, user_path
 
 MODEL_CONFIG_FILE = "model_config.json"
 
@@ -34,7 +34,7 @@ def _differences(stored, current, prefix="") -> list[str]:
 
 class TrainCheckpointer:
     def __init__(self, workdir, *, keep: int, model_config: dict):
-        self.directory = Path(workdir).absolute() / "checkpoints"
+        self.directory = user_path(workdir) / "checkpoints"
         self.model_config = json.loads(json.dumps(model_config))   # normalised: tuples -> lists
         options = ocp.CheckpointManagerOptions(max_to_keep=max(int(keep), 1), create=True,
                                                enable_async_checkpointing=True)
@@ -54,7 +54,7 @@ class TrainCheckpointer:
                     + " (use a new --workdir, or the config the checkpoints were made with)")
         elif jax.process_index() == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(self.model_config, indent=2, sort_keys=True) + "\n")
+            atomic_write_text(path, json.dumps(self.model_config, indent=2, sort_keys=True) + "\n")
 
     # ---- save / restore --------------------------------------------------------------------------------------
     def latest_step(self) -> int | None:

@@ -9,14 +9,14 @@ from __future__ import annotations
 import json
 import math
 import time
-from pathlib import Path
-
 import jax
+
+from var_jax.paths import atomic_write_text, user_path
 
 METRICS_FILE = "metrics.jsonl"
 
 
-def truncate_metrics(path: Path, last_step: int):
+def truncate_metrics(path, last_step: int):
     """Keep only the lines whose step is <= last_step (and drop a torn last line)."""
     if not path.exists():
         return
@@ -28,7 +28,7 @@ def truncate_metrics(path: Path, last_step: int):
             continue
         if int(record.get("step", -1)) <= last_step:
             kept.append(line)
-    path.write_text("".join(line + "\n" for line in kept))
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _plain(value):
@@ -49,10 +49,10 @@ class MetricLogger:
         self._file = self._tb = self._bar = None
         if not self.enabled:
             return
-        workdir = Path(workdir)
+        workdir = user_path(workdir)
         workdir.mkdir(parents=True, exist_ok=True)
         truncate_metrics(workdir / METRICS_FILE, start_step)
-        self._file = open(workdir / METRICS_FILE, "a")
+        self._file = (workdir / METRICS_FILE).open("a")
         from tensorboardX import SummaryWriter
         self._tb = SummaryWriter(str(workdir / "tensorboard"))
         if progress:

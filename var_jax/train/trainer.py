@@ -9,13 +9,12 @@ preemption notice) saves a checkpoint at the current step and exits cleanly.
 from __future__ import annotations
 
 import importlib
-import json
 import signal
-from pathlib import Path
 
 import jax
 import numpy as np
 
+from var_jax.paths import atomic_write_text, user_path
 from var_jax.train.stage import ConfigError, Stage, check_positive
 
 # config.stage -> "module:function" building the Stage (config, mesh, dataset_classes) -> Stage.
@@ -91,14 +90,14 @@ def train(config, workdir) -> dict:
     from var_jax.train.checkpointing import TrainCheckpointer
     from var_jax.train.logging import MetricLogger
 
-    workdir = Path(workdir)
+    workdir = user_path(workdir)
     validate_config(config)
     mesh = build_mesh(config)
     data_iter, num_classes = build_data(config)
     stage = build_stage(config, mesh, num_classes)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+        atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
     checkpointer = TrainCheckpointer(workdir, keep=int(config.keep_checkpoints), model_config=stage.model_config)
     checkpointer.check_model_config()
@@ -147,17 +146,12 @@ def train(config, workdir) -> dict:
     return last
 
 
-def _write_samples(stage: Stage, state, step: int, workdir: Path, logger):
-    from var_jax.sample.grid import image_grid, to_uint8
+def _write_samples(stage: Stage, state, step: int, workdir, logger):
+    from var_jax.images import image_grid, save_grid, to_uint8
     images = stage.sample(state, step)
     if images is None or jax.process_index() != 0:
         return
-    grid = image_grid(to_uint8(images))
-    from PIL import Image
+    images = to_uint8(images)
     (workdir / "samples").mkdir(exist_ok=True)
-    Image.fromarray(grid).save(workdir / "samples" / f"step_{step:08d}.png")
-    logger.add_image("samples", grid, step)
-
-
-def load_run_config(workdir) -> dict:
-    return json.loads((Path(workdir) / "config.json").read_text())
+    save_grid(workdir / "samples" / f"step_{step:08d}.png", images)
+    logger.add_image("samples", image_grid(images), step)

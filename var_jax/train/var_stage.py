@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import jax
 import numpy as np
 from flax import nnx
 
+from var_jax.paths import user_path
 from var_jax.sharding import replicated, state_shardings
 from var_jax.train import flops, optimizer
 from var_jax.train.progressive import progressive_from_config
@@ -20,13 +20,13 @@ from var_jax.train.var_step import VarStepConfig, make_tokenizer_fn, make_var_tr
 _DERIVED = ("width", "heads", "num_classes", "drop_path_rate", "init_adaln_gamma")
 
 
-def resolve_tokenizer_dir(path: str) -> Path:
+def resolve_tokenizer_dir(path: str):
     """A model directory, or a tokenizer training workdir whose exported model is WORKDIR/model."""
     from var_jax.checkpoints import CONFIG_FILE, CheckpointError, read_model_config
     if not path:
         raise ConfigError("tokenizer_checkpoint: required for the var stage (a model directory from "
                           "`var-jax convert`, or a tokenizer training workdir)")
-    root = Path(path)
+    root = user_path(path)
     # A training workdir has a config.json too (the run's config), so a candidate must hold a *model* config.
     for candidate in (root, root / "model"):
         try:

@@ -1,9 +1,12 @@
-"""Tile a batch of images into one PNG."""
+"""Image arrays as files: uint8 conversion, grids of a batch, the format an output extension asks for."""
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
+
+from var_jax.paths import atomic_write
 
 
 def to_uint8(images01) -> np.ndarray:
@@ -28,6 +31,19 @@ def image_grid(images: np.ndarray, columns: int | None = None, padding: int = 2,
 
 
 def save_grid(path, images: np.ndarray, columns: int | None = None) -> None:
+    """A PNG grid, written atomically (any path var_jax.paths.user_path accepts)."""
     from PIL import Image
     grid = image_grid(images, columns)
-    Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(path)
+    image = Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid)
+    atomic_write(path, lambda f: image.save(f, format="PNG"))
+
+
+def image_format(path) -> str:
+    """The PIL format that writes `path`'s extension ('PNG' for .png); a clear error for one PIL can't write."""
+    from PIL import Image
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    fmt = Image.registered_extensions().get(suffix)
+    if fmt is None or fmt not in Image.SAVE:
+        raise ValueError(f"{os.fspath(path)}: cannot write images with extension {suffix or '(none)'!r} "
+                         f"(use .png, .jpg, .webp or .bmp)")
+    return fmt
