@@ -11,6 +11,7 @@ written under a temporary name and renamed into place when complete, so a reader
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import uuid
 from typing import Any
@@ -23,6 +24,11 @@ from var_jax.paths import atomic_write_text, user_path
 FORMAT_NAME = "var-jax-model"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
+# Config fields the tokenizer and the transformer must agree on: the transformer predicts the tokenizer's codes
+# (vocab_size), embeds its latents (z_channels) and walks its scales (patch_nums).
+SHARED_FIELDS = ("vocab_size", "z_channels", "patch_nums")
+# orbax's per-save bookkeeping (timestamps): not part of what a checkpoint holds
+VOLATILE_FILES = ("_CHECKPOINT_METADATA",)
 # Keys under which training checkpoints commonly nest their state_dict (tried in this order).
 WRAPPER_KEYS = ("state_dict", "model", "module", "params")
 
@@ -108,7 +114,41 @@ def read_model_config(directory) -> dict:
     if config.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: version {config.get('version')!r} is not supported "
                               f"(this var-jax reads version {FORMAT_VERSION})")
+    check_parts_agree(config, path)
     return config
+
+
+def check_parts_agree(config: dict, where) -> None:
+    """A tokenizer and transformer that disagree on SHARED_FIELDS would run (a larger vocabulary reads rows past
+    the codebook as NaN) but give garbage: refuse them, naming both values."""
+    tok, var = config.get("tokenizer"), config.get("var")
+    if not isinstance(tok, dict) or not isinstance(var, dict):
+        return
+    norm = lambda v: list(v) if isinstance(v, (list, tuple)) else v    # JSON lists vs tuples
+    for name in SHARED_FIELDS:
+        if name in tok and name in var and norm(tok[name]) != norm(var[name]):
+            raise CheckpointError(f"{where}: the tokenizer and the VAR transformer disagree on {name}: tokenizer "
+                                  f"{tok[name]!r}, transformer {var[name]!r}")
+
+
+def model_fingerprint(directory) -> str:
+    """sha256 over config.json and every file of the parameter checkpoints (relative name and bytes; orbax's
+    timestamp file excluded): the same for a moved or copied model directory, different for any other content.
+    It reads the whole directory once (about as long as loading it)."""
+    directory = user_path(directory)
+    config = read_model_config(directory)
+    digest = hashlib.sha256()
+    files = [directory / CONFIG_FILE]
+    for part in ("tokenizer", "var"):
+        if config.get(part) is not None and (directory / part).is_dir():
+            files += sorted((p for p in (directory / part).rglob("*") if p.is_file() and p.name not in VOLATILE_FILES),
+                            key=str)
+    for path in files:
+        digest.update(str(path.relative_to(directory)).encode() + b"\0")
+        with path.open("rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _flat_shapes(tree) -> dict[str, tuple]:
@@ -139,17 +179,36 @@ def _restore_module(path: epath.Path, model_fn, mesh, what: str):
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
     with ocp.StandardCheckpointer() as checkpointer:
         try:
-            stored = checkpointer.metadata(path).item_metadata.tree
+            item = checkpointer.metadata(path).item_metadata
         except Exception as e:  # orbax raises several types for unreadable directories
-            raise CheckpointError(f"cannot read the {what} checkpoint {path}: {e}") from None
+            raise CheckpointError(f"{path.parent}: cannot read the {what} checkpoint {path} (its metadata is "
+                                  f"damaged: {_root_cause(e)})") from None
+        if item is None or getattr(item, "tree", None) is None:   # orbax only logs a warning for this
+            raise CheckpointError(f"{path.parent}: the {what} checkpoint {path} has no readable parameter metadata "
+                                  f"(_METADATA or the array index is missing or damaged); copy or export the model "
+                                  f"directory again")
+        stored = item.tree
         want, have = _flat_shapes(target), _flat_shapes(stored)
         if want != have:
             problems = sorted(set(want) ^ set(have)) + sorted(
                 f"{k}: config says {want[k]}, stored {have[k]}" for k in set(want) & set(have) if want[k] != have[k])
             raise CheckpointError(f"{path} does not match the {what} config in config.json; differing parameters: "
                                   f"{problems[:10]}{' ...' if len(problems) > 10 else ''}")
-        params = checkpointer.restore(path, target)
+        try:
+            params = checkpointer.restore(path, target)
+        except Exception as e:  # tensorstore reports a missing or truncated array file with a long spec dump
+            raise CheckpointError(f"{path.parent}: cannot read the {what} parameters in {path} (an array file is "
+                                  f"missing or truncated: {_root_cause(e)}); copy or export the model directory "
+                                  f"again") from None
     return parts.merge(params)
+
+
+def _root_cause(error: BaseException) -> str:
+    """The first line of the innermost exception of a chain (tensorstore's names the file and the byte range)."""
+    while (error.__cause__ or error.__context__) is not None:
+        error = error.__cause__ or error.__context__
+    lines = str(error).strip().splitlines()
+    return (lines[0] if lines else type(error).__name__)[:300]
 
 
 def load_model_dir(directory, mesh=None) -> ModelBundle:

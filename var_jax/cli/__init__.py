@@ -34,6 +34,24 @@ def parse_int_list(text: str, what: str) -> tuple[int, ...]:
     return values
 
 
+# Sampling seeds reach jax.random.key as a uint32 (var_jax.sample.runner): anything else would wrap or overflow.
+MAX_SEED = 2 ** 32 - 1
+
+
+def check_sampling_args(args) -> None:
+    """sample's and edit's --cfg, --top-k, --top-p and --seed, checked before any model is loaded (a NaN
+    guidance scale would otherwise give NaN images only after the model loaded and compiled)."""
+    import math
+    if not math.isfinite(args.cfg) or args.cfg < 0:
+        raise CommandError(f"--cfg must be a finite number >= 0, got {args.cfg}")
+    if not math.isfinite(args.top_p) or not 0.0 <= args.top_p <= 1.0:
+        raise CommandError(f"--top-p must be in [0, 1] (0: off), got {args.top_p}")
+    if args.top_k < 0:
+        raise CommandError(f"--top-k must be >= 0 (0: off), got {args.top_k}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise CommandError(f"--seed must be in 0..{MAX_SEED} (a uint32), got {args.seed}")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The top-level parser; only `command`'s module is imported and given its arguments."""
     parser = argparse.ArgumentParser(prog="var-jax", description=__doc__.splitlines()[0])

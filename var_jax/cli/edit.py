@@ -37,65 +37,83 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--out", required=True, help="output PNG")
 
 
-def _load(path: str, size: int, grey: bool = False):
+def _read(path: str, what: str):
+    """uint8 (H, W, 3) of an image file, decoded in full (so a damaged file fails here, before the model loads)."""
     import numpy as np
     from PIL import Image
-
-    from var_jax.data.transforms import preprocess
     try:
         with user_path(path).open("rb") as f, Image.open(f) as image:
             image.load()
-            original = image.size
-            array = np.asarray(image.convert("RGB"), np.uint8)
+            return np.asarray(image.convert("RGB"), np.uint8)
     except OSError as e:
-        raise CommandError(f"cannot read {path}: {e}") from None
-    if array.shape[:2] != (size, size):
-        array = preprocess(array, size, train=False)
-    return (array[..., 0].astype(np.float32) / 255.0 if grey else array), original
+        raise CommandError(f"{what} {path}: cannot read: {e}") from None
+
+
+def _fit(array, size: int):
+    """Resize (shorter side) and centre-crop to the model's size, as the reference's evaluation transform."""
+    from var_jax.data.transforms import preprocess
+    return array if array.shape[:2] == (size, size) else preprocess(array, size, train=False)
+
+
+def _parse_box(text: str) -> list[float]:
+    try:
+        box = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise CommandError(f"--box must be four comma-separated numbers, got {text!r}") from None
+    if len(box) != 4:
+        raise CommandError(f"--box must be y0,x0,y1,x1, got {len(box)} numbers")
+    return box
 
 
 def run(args):
+    import numpy as np
     from PIL import Image
 
-    from var_jax.checkpoints import CheckpointError, load_model_dir
+    from var_jax.checkpoints import CheckpointError, load_model_dir, read_model_config
+    from var_jax.cli import check_sampling_args
     from var_jax.images import image_format
-    from var_jax.sample.edit import edit
 
+    # every check that needs no model first: loading and compiling take minutes on a large one
+    check_sampling_args(args)
+    out = user_path(args.out)
     try:
-        image_format(args.out)
+        fmt = image_format(out)
     except ValueError as e:
         raise CommandError(f"--out {e}") from None
-    from var_jax.sample.sampler import SampleOptions
+    if out.is_dir():
+        raise CommandError(f"--out {out} is a directory; give an image file name such as edited.png")
+    try:
+        if not read_model_config(args.checkpoint).get("var"):
+            raise CommandError(f"{args.checkpoint} has no VAR transformer; editing needs one")
+    except (CheckpointError, OSError) as e:
+        raise CommandError(str(e)) from None
+    image = _read(args.image, "--image")
+    box = mask = None
+    if args.box is not None:
+        box = _parse_box(args.box)
+    else:
+        mask = _read(args.mask, "--mask")
+        if mask.shape[:2] != image.shape[:2]:
+            raise CommandError(f"--mask is {mask.shape[1]}x{mask.shape[0]} but --image is "
+                               f"{image.shape[1]}x{image.shape[0]}: they must have the same size")
 
+    from var_jax.sample.edit import edit
+    from var_jax.sample.sampler import SampleOptions
     try:
         bundle = load_model_dir(args.checkpoint)
     except (CheckpointError, OSError) as e:
         raise CommandError(str(e)) from None
-    if bundle.var is None:
-        raise CommandError(f"{args.checkpoint} has no VAR transformer; editing needs one")
     size = bundle.tokenizer_config.image_size
-    image, image_size = _load(args.image, size)
-    box = mask = None
-    if args.box is not None:
-        try:
-            box = [float(v) for v in args.box.split(",")]
-        except ValueError:
-            raise CommandError(f"--box must be four comma-separated numbers, got {args.box!r}") from None
-        if len(box) != 4:
-            raise CommandError(f"--box must be y0,x0,y1,x1, got {len(box)} numbers")
-    else:
-        mask, mask_size = _load(args.mask, size, grey=True)
-        if mask_size != image_size:
-            raise CommandError(f"--mask is {mask_size[0]}x{mask_size[1]} but --image is "
-                               f"{image_size[0]}x{image_size[1]}: they must have the same size")
+    if mask is not None:
+        mask = _fit(mask, size)[..., 0].astype(np.float32) / 255.0
     try:
         options = SampleOptions(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth)
-        result = edit(bundle, image, box=box, mask=mask, mode=args.mode, label=args.class_id, seed=args.seed,
-                      options=options)
+        result = edit(bundle, _fit(image, size), box=box, mask=mask, mode=args.mode, label=args.class_id,
+                      seed=args.seed, options=options)
     except ValueError as e:
         raise CommandError(str(e)) from None
-    out = user_path(args.out)
-    atomic_write(out, lambda f: Image.fromarray(result["image"]).save(f, format=image_format(out)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, lambda f: Image.fromarray(result["image"]).save(f, format=fmt))
     kept = sum(int(k.sum()) for k in result["keep"])
     total = sum(k.size for k in result["keep"])
     print(f"wrote {args.out} ({args.mode}: {total - kept} of {total} tokens regenerated)")
