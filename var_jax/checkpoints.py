@@ -66,7 +66,7 @@ def save_model_dir(directory, tokenizer=None, var=None, *, overwrite: bool = Fal
     tmp = directory.parent / f".{directory.name}.partial"
     if jax.process_index() == 0 and tmp.exists():
         tmp.rmtree()
-    _sync_hosts("var_jax.save_model_dir.start")
+    sync_hosts("var_jax.save_model_dir.start")
     config = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
               "tokenizer": tokenizer[0].to_dict() if tokenizer else None,
               "var": var[0].to_dict() if var else None}
@@ -84,11 +84,12 @@ def save_model_dir(directory, tokenizer=None, var=None, *, overwrite: bool = Fal
             trash.rmtree()
         else:
             tmp.rename(directory)
-    _sync_hosts("var_jax.save_model_dir.done")
+    sync_hosts("var_jax.save_model_dir.done")
     return directory
 
 
-def _sync_hosts(name: str):
+def sync_hosts(name: str):
+    """A barrier over every process of a multi-host run (nothing with one process)."""
     import jax
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -141,10 +142,9 @@ def model_fingerprint(directory) -> str:
     files = [directory / CONFIG_FILE]
     for part in ("tokenizer", "var"):
         if config.get(part) is not None and (directory / part).is_dir():
-            files += sorted((p for p in (directory / part).rglob("*") if p.is_file() and p.name not in VOLATILE_FILES),
-                            key=str)
+            files += sorted((p for p in _files_under(directory / part) if p.name not in VOLATILE_FILES), key=str)
     for path in files:
-        digest.update(str(path.relative_to(directory)).encode() + b"\0")
+        digest.update(str(path)[len(str(directory)):].encode() + b"\0")   # the name inside the directory
         with path.open("rb") as f:
             while chunk := f.read(1 << 20):
                 digest.update(chunk)
@@ -156,6 +156,15 @@ def _flat_shapes(tree) -> dict[str, tuple]:
     import jax
     return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p): tuple(x.shape)
             for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def _files_under(directory: epath.Path):
+    """Every file below `directory` (epath refuses recursive globs, as they are slow on GCS)."""
+    for entry in directory.iterdir():
+        if entry.is_dir():
+            yield from _files_under(entry)
+        else:
+            yield entry
 
 
 def _restore_module(path: epath.Path, model_fn, mesh, what: str):

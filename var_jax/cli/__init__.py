@@ -52,6 +52,15 @@ def check_sampling_args(args) -> None:
         raise CommandError(f"--seed must be in 0..{MAX_SEED} (a uint32), got {args.seed}")
 
 
+def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    """The multi-host options (read by var_jax.cli.train.maybe_initialize_distributed)."""
+    parser.add_argument("--distributed", action="store_true",
+                        help="call jax.distributed.initialize() (auto-detects TPU pods and SLURM)")
+    parser.add_argument("--coordinator_address", default=None, help="host:port of process 0 (multi-process)")
+    parser.add_argument("--num_processes", type=int, default=None)
+    parser.add_argument("--process_id", type=int, default=None)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The top-level parser; only `command`'s module is imported and given its arguments."""
     parser = argparse.ArgumentParser(prog="var-jax", description=__doc__.splitlines()[0])

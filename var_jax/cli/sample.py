@@ -7,14 +7,20 @@ PNG grid.
 The defaults are the reference FID setting (cfg 1.5 with the linear ramp, top-k 900, top-p 0.96, no smoothing).
 Finished batches are written to OUT/shards/ as they complete; rerunning the same command after an interruption
 skips them and continues. Image i always uses the random stream (seed, i), so the batch size and the number of
-devices do not change the images.
+devices do not change the images. A rerun is tied to the model's content (run.json holds its sha256, see
+var_jax.checkpoints.model_fingerprint), not to its path: a moved checkpoint resumes, a different one is refused.
+
+Several hosts (--distributed, or --coordinator_address/--num_processes/--process_id as for `train`): each host
+samples every num_processes-th batch on its own devices (--mesh then describes one host's devices) and writes
+those shards; process 0 then assembles samples.npz. OUT must be a directory all hosts share (gs://, NFS). The
+images are those of a single-host run with the same seed.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import zipfile
-from var_jax.cli import CommandError, parse_int_list
+from var_jax.cli import CommandError, add_distributed_arguments, check_sampling_args, parse_int_list
 from var_jax.cli.reruns import check_same_settings
 from var_jax.paths import atomic_write, user_path
 
@@ -40,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser):
                         "fastest, see benchmarks/sample_bench.py); every mode gives the same images")
     parser.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor mesh sizes (one may be -1)")
     parser.add_argument("--out", required=True, help="output directory: samples.npz, grid.png, shards/")
+    add_distributed_arguments(parser)
 
 
 def plan_labels(classes: str | None, num_per_class: int, num_classes: int):
@@ -74,14 +81,54 @@ def write_adm_npz(path, shard_paths, num_images: int, image_shape, labels):
     atomic_write(path, write)
 
 
+def host_batches(num_images: int, batch_size: int, process_index: int = 0, process_count: int = 1):
+    """[(batch index, start, end), ...] of the batches this host samples: batch i belongs to host i % count.
+    The batch boundaries do not depend on the number of hosts, so neither do the shard files."""
+    starts = range(0, num_images, batch_size)
+    return [(i, a, min(a + batch_size, num_images)) for i, a in enumerate(starts) if i % process_count == process_index]
+
+
+def shard_path(out, start: int, end: int):
+    return out / SHARDS_DIR / f"images_{start:07d}_{end:07d}.npz"
+
+
+def assemble(out, num_images: int, batch_size: int, labels):
+    """samples.npz and grid.png from every batch's shard (process 0, once all hosts have written theirs)."""
+    import numpy as np
+
+    from var_jax.images import save_grid
+    shard_paths = [shard_path(out, a, b) for _, a, b in host_batches(num_images, batch_size)]
+    missing = [p.name for p in shard_paths if not p.exists()]
+    if missing:
+        raise CommandError(f"{out / SHARDS_DIR}: {len(missing)} shard(s) missing after sampling, e.g. {missing[0]} "
+                           f"(is --out on storage every host shares?)")
+    with shard_paths[0].open("rb") as f, np.load(f) as first:
+        image_shape = first["images"].shape[1:]
+    write_adm_npz(out / "samples.npz", shard_paths, num_images, image_shape, labels)
+    grid = []
+    for path in shard_paths:
+        with path.open("rb") as f, np.load(f) as data:
+            grid.append(data["images"][:GRID_IMAGES - sum(len(g) for g in grid)])
+        if sum(len(g) for g in grid) >= GRID_IMAGES:
+            break
+    save_grid(out / "grid.png", np.concatenate(grid), columns=8)
+
+
 def run(args):
     import numpy as np
     from tqdm import tqdm
 
-    from var_jax.checkpoints import CheckpointError, load_model_dir, read_model_config
+    from var_jax.checkpoints import CheckpointError, load_model_dir, model_fingerprint, read_model_config
+    from var_jax.cli.train import maybe_initialize_distributed
 
+    # every check that needs no model first: loading and compiling take minutes on a large one
     if args.batch_size < 1:
         raise CommandError(f"--batch-size must be >= 1, got {args.batch_size}")
+    check_sampling_args(args)
+    out = user_path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CommandError(f"--out {out} is an existing file; --out names a directory (samples.npz, grid.png, "
+                           f"shards/ go inside it)")
     try:
         config = read_model_config(args.checkpoint)
     except (CheckpointError, OSError) as e:
@@ -90,10 +137,11 @@ def run(args):
         raise CommandError(f"{args.checkpoint} needs both a tokenizer and a VAR transformer to sample")
     num_classes = int(config["var"].get("num_classes", 1000))
     labels = plan_labels(args.classes, args.num_per_class, num_classes)
+    maybe_initialize_distributed(args)
 
     import jax
 
-    from var_jax.images import save_grid
+    from var_jax.checkpoints import sync_hosts
     from var_jax.sample.runner import Sampler
     from var_jax.sample.sampler import DEFAULT_MODE, SampleOptions
     from var_jax.sharding import make_mesh
@@ -101,23 +149,26 @@ def run(args):
     try:
         options = SampleOptions(cfg=args.cfg, cfg_schedule=args.cfg_schedule, top_k=args.top_k, top_p=args.top_p,
                                 more_smooth=args.more_smooth, mode=args.mode or DEFAULT_MODE).validate()
-        mesh = make_mesh(parse_int_list(args.mesh, "--mesh"))
+        # hosts sample different batches independently: each one's mesh is its own devices
+        mesh = make_mesh(parse_int_list(args.mesh, "--mesh"), devices=jax.local_devices())
     except ValueError as e:
         raise CommandError(str(e)) from None
 
-    out = user_path(args.out)
     # everything that decides the images and the shard boundaries (the mode does not change the images)
-    run_config = {"checkpoint": str(user_path(args.checkpoint)), "seed": args.seed,
+    try:
+        fingerprint = model_fingerprint(args.checkpoint)
+    except (CheckpointError, OSError) as e:
+        raise CommandError(str(e)) from None
+    run_config = {"model_sha256": fingerprint, "seed": args.seed,
                   "batch_size": args.batch_size, "cfg": args.cfg, "cfg_schedule": args.cfg_schedule,
                   "top_k": args.top_k, "top_p": args.top_p, "more_smooth": args.more_smooth,
                   "labels_sha1": hashlib.sha1(labels.tobytes()).hexdigest(), "num_images": int(len(labels))}
     writer = jax.process_index() == 0
-    if writer:
-        check_same_settings(out, RUN_FILE, run_config, "an unfinished run", "--out")
-        (out / SHARDS_DIR).mkdir(exist_ok=True)
-    batches = [(start, min(start + args.batch_size, len(labels))) for start in range(0, len(labels), args.batch_size)]
-    shard_paths = [out / SHARDS_DIR / f"images_{a:07d}_{b:07d}.npz" for a, b in batches]
-    todo = [i for i, path in enumerate(shard_paths) if not path.exists()]
+    # only process 0 records run.json; the others refuse a different run already there just as it does
+    check_same_settings(out, RUN_FILE, run_config, "an unfinished run", "--out", record=writer)
+    (out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+    mine = host_batches(len(labels), args.batch_size, jax.process_index(), jax.process_count())
+    todo = [(a, b) for _, a, b in mine if not shard_path(out, a, b).exists()]
 
     if todo:
         try:
@@ -125,25 +176,15 @@ def run(args):
         except (CheckpointError, OSError) as e:
             raise CommandError(str(e)) from None
         sampler = Sampler(bundle, options, mesh)
-        with tqdm(total=len(labels), initial=len(labels) - sum(b - a for a, b in (batches[i] for i in todo)),
-                  unit="img", desc="sampling") as progress:
-            for i in todo:
-                a, b = batches[i]
+        total = sum(b - a for _, a, b in mine)
+        with tqdm(total=total, initial=total - sum(b - a for a, b in todo), unit="img", desc="sampling",
+                  disable=not writer) as progress:
+            for a, b in todo:
                 images = sampler(labels[a:b], image_ids=np.arange(a, b), seed=args.seed, pad_to=args.batch_size)["images"]
-                if writer:
-                    atomic_write(shard_paths[i], lambda f: np.savez(f, images=images, labels=labels[a:b]))
+                atomic_write(shard_path(out, a, b), lambda f: np.savez(f, images=images, labels=labels[a:b]))
                 progress.update(b - a)
-
+    sync_hosts("var_jax.sample.shards_written")
     if writer:
-        with shard_paths[0].open("rb") as f, np.load(f) as first:
-            image_shape = first["images"].shape[1:]
-        write_adm_npz(out / "samples.npz", shard_paths, len(labels), image_shape, labels)
-        grid = []
-        for path in shard_paths:
-            with path.open("rb") as f, np.load(f) as data:
-                grid.append(data["images"][:GRID_IMAGES - sum(len(g) for g in grid)])
-            if sum(len(g) for g in grid) >= GRID_IMAGES:
-                break
-        save_grid(out / "grid.png", np.concatenate(grid), columns=8)
+        assemble(out, len(labels), args.batch_size, labels)
         print(f"wrote {len(labels)} images to {out / 'samples.npz'} and {out / 'grid.png'}")
     return 0
