@@ -22,8 +22,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.extend.core import jaxprs_in_params
 
+from var_jax.scale_config import REFERENCE_PATCH_NUMS
 from var_jax.tokenizer import quantizer
-from var_jax.tokenizer.config import REFERENCE_PATCH_NUMS, TokenizerConfig
+from var_jax.tokenizer.config import TokenizerConfig
 from var_jax.tokenizer.vqvae import VQVAE
 
 

@@ -9,6 +9,8 @@ import ast
 
 import ml_collections
 
+from var_jax.scale_config import PATCH_NUMS_256
+
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     """'depth=16,batch=768' -> ConfigDict, typed like `defaults`; an unknown key is an error."""
@@ -80,12 +82,13 @@ def base_config(stage: str = "var") -> ml_collections.ConfigDict:
         checkpoint_every=500,
         keep_checkpoints=3,
         sample_every=0,              # steps between PNG sample grids (0 = off)
+        max_nonfinite_steps=20,      # stop after this many steps in a row with a non-finite loss or gradient
         num_sample_images=16,
         mesh=(-1, 1, 1),             # (data, fsdp, tensor); one size may be -1
         compute_dtype="auto",
         peak_flops=0.0,              # per-device peak FLOP/s for MFU in the logs (0 = unknown)        # 'auto' (bfloat16 on GPU/TPU, float32 on CPU) | 'float32' | 'bfloat16'
         tokenizer_checkpoint="",     # var stage: a model dir, or a tokenizer training workdir (uses WORKDIR/model)
-        patch_nums=(1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
+        patch_nums=PATCH_NUMS_256,
         data=data_config(),
         optim=optim_config(),
         loss=ml_collections.ConfigDict(dict(label_smoothing=0.0, scale_weights=())),

@@ -7,6 +7,7 @@ ARG keys: depth (16, 20, 24, 30), batch (global; default the recipe's), epochs (
 data_path (an ImageFolder root; or set --config.data.name=tfds --config.data.tfds_name=imagenet2012).
 """
 from configs import common
+from var_jax.scale_config import PATCH_NUMS_256
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
@@ -35,7 +36,7 @@ def get_config(arg=None):
     config.sample_every = 20000
     config.mesh = (1, -1, 1)    # FSDP over every device: d30 (2B params + Adam) does not fit replicated
     config.tokenizer_checkpoint = ""
-    config.patch_nums = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    config.patch_nums = PATCH_NUMS_256
     config.data = common.data_config(name="folder", path=arg.data_path, image_size=256, worker_count=8)
     config.model = common.var_model_config(arg.depth, init_adaln_gamma=alng, remat="block")
     config.optim = common.optim_config(tblr=tblr, wpe=wpe, wd=0.05, wd_end=twde, warmup_fraction=1 / 50)

@@ -38,7 +38,7 @@ def _param_count(model) -> int:
 
 def run(args):
     from var_jax.checkpoints import CheckpointError, read_state_dict, save_model_dir
-    from var_jax.tokenizer.config import REFERENCE_PATCH_NUMS
+    from var_jax.scale_config import REFERENCE_PATCH_NUMS
     from var_jax.tokenizer.convert import vqvae_from_state_dict
 
     patch_nums = parse_int_list(args.patch_nums, "--patch-nums") if args.patch_nums else None

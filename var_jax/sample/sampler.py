@@ -27,6 +27,7 @@ from flax import nnx
 
 from var_jax.sample.filtering import draw_tokens, filter_logits, guidance_strength, mix_guidance, smooth_embedding
 from var_jax.sample.schedule import DEFAULT_WASTE_BUDGET, MODES, Segment, scale_plan
+from var_jax.scale_config import scale_begin_ends
 from var_jax.sharding import constrain
 from var_jax.tokenizer import quantizer
 
@@ -143,7 +144,7 @@ class _ScaleWalker:
 
     def exact_step(self, si: int, state):
         cache, f_hat, x = state
-        start = sum(p * p for p in self.patch_nums[:si])
+        start = scale_begin_ends(self.patch_nums)[si][0]
         logits2, cache = self.var.forward_cached(x, self.cond, cache, start)
         logits = _guided_logits(logits2, self.strengths[si], self.options.guided)
         tokens, h = _choose(logits, self.keys, si, self.ratios[si], self.codebook, self.options)

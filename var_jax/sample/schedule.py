@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from var_jax.scale_config import prefix_len, scale_begin_ends
+
 MODES = ("unrolled", "grouped", "scanned")
 # grouped mode: total padded (wasted) query tokens allowed, as a fraction of the sequence length L.
 DEFAULT_WASTE_BUDGET = 0.05
@@ -55,9 +57,7 @@ def scale_plan(patch_nums, mode: str = "grouped", waste_budget: float = DEFAULT_
     patch_nums = tuple(int(p) for p in patch_nums)
     if any(b <= a for a, b in zip(patch_nums, patch_nums[1:])):
         raise ValueError(f"patch_nums must be strictly increasing, got {patch_nums}")
-    starts = [0]
-    for pn in patch_nums[:-1]:
-        starts.append(starts[-1] + pn * pn)
+    starts = [begin for begin, _ in scale_begin_ends(patch_nums)]
     num = len(patch_nums)
     if mode == "unrolled":
         return tuple(_segment(patch_nums, starts, [s]) for s in range(num))
@@ -65,7 +65,7 @@ def scale_plan(patch_nums, mode: str = "grouped", waste_budget: float = DEFAULT_
         return (_segment(patch_nums, starts, range(num)),)
     if mode != "grouped":
         raise ValueError(f"sampler mode must be one of {MODES}, got {mode!r}")
-    budget = waste_budget * sum(pn * pn for pn in patch_nums)
+    budget = waste_budget * prefix_len(patch_nums)
     segments, current, spent = [], [0], 0
     for s in range(1, num):
         candidate = _segment(patch_nums, starts, current + [s])

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from var_jax.scale_config import ScaleScheduleConfig
+from var_jax.scale_config import PATCH_NUMS_256, ScaleScheduleConfig
 
 # GroupNorm in every encoder/decoder block uses 32 groups (the reference's `Normalize`).
 NORM_GROUPS = 32
@@ -27,7 +27,7 @@ class TokenizerConfig(ScaleScheduleConfig):
     quant_resi: float = 0.5               # Phi(h) = (1 - r) h + r conv(h)
     share_quant_resi: int = 4             # number of Phi convs: 0 = one per scale, 1 = one shared, K = K shared
     using_znorm: bool = False             # cosine-similarity code search instead of L2
-    patch_nums: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
+    patch_nums: tuple[int, ...] = PATCH_NUMS_256
     dropout: float = 0.0
 
     def __post_init__(self):
@@ -104,11 +104,3 @@ class TokenizerConfig(ScaleScheduleConfig):
                                f"{image_size / self.downsample:g} for {image_size} px images, "
                                f"which needs patch_nums[-1] * {self.downsample} == {image_size}")
         return self
-
-
-# The reference's scale schedules of the released models, by image size.
-REFERENCE_PATCH_NUMS = {
-    256: (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
-    512: (1, 2, 3, 4, 6, 9, 13, 18, 24, 32),
-}
-

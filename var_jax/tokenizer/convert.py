@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from var_jax.tokenizer.config import REFERENCE_PATCH_NUMS, TokenizerConfig
+from var_jax.scale_config import REFERENCE_PATCH_NUMS
+from var_jax.tokenizer.config import TokenizerConfig
 from var_jax.tokenizer.vqvae import VQVAE
 
 # A buffer of the reference's training-time usage statistics; not a parameter, ignored when loading.

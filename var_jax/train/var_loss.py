@@ -15,15 +15,6 @@ import numpy as np
 import optax
 
 
-def scale_slices(patch_nums: Sequence[int]) -> list[tuple[int, int]]:
-    """[begin, end) token range of every scale in the flattened sequence."""
-    out, cur = [], 0
-    for pn in patch_nums:
-        out.append((cur, cur + pn * pn))
-        cur += pn * pn
-    return out
-
-
 def token_weights(patch_nums: Sequence[int], scale_weights: Sequence[float] | None = None) -> np.ndarray:
     """(L,) per-token loss weights summing to 1: scale s gets weight w_s shared by its pn_s² tokens.
 

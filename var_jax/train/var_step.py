@@ -19,10 +19,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from var_jax.scale_config import scale_begin_ends
 from var_jax.train import var_loss
 from var_jax.train.optimizer import current_hyperparams
 from var_jax.train.progressive import truncated_weights
-from var_jax.train.state import ModelParts, TrainState
+from var_jax.train.state import ModelParts, TrainState, finish_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +56,7 @@ def make_tokenizer_fn(tokenizer_graphdef, tokenizer_cfg) -> Callable:
 
 def make_var_train_step(parts: ModelParts, tx: optax.GradientTransformation, step_cfg: VarStepConfig,
                         tokenize: Callable | None = None) -> Callable[[TrainState, Any, Any], tuple[TrainState, dict]]:
-    slices = var_loss.scale_slices(step_cfg.patch_nums)
+    slices = scale_begin_ends(step_cfg.patch_nums)
     full_weights = var_loss.token_weights(step_cfg.patch_nums, step_cfg.scale_weights)
     num_scales = step_cfg.num_scales
     seq_len = slices[num_scales - 1][1]
@@ -83,8 +84,12 @@ def make_var_train_step(parts: ModelParts, tx: optax.GradientTransformation, ste
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree.norm(grads)
         metrics = var_loss.var_metrics(logits, tokens, last_end - last_begin)
-        metrics.update(loss=loss, grad_norm=optax.tree.norm(grads), **current_hyperparams(opt_state))
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        metrics.update(loss=loss, grad_norm=grad_norm, **current_hyperparams(opt_state))
+        # A non-finite loss or gradient changes nothing but the step (see state.finish_step).
+        new_state, counters = finish_step(state, state.replace(step=state.step + 1, params=params,
+                                                               opt_state=opt_state), loss, grad_norm, batch)
+        return new_state, {**metrics, **counters}
 
     return train_step

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from var_jax.scale_config import scale_begin_ends, scale_ids
+
 # A trailing scale with at least this many tokens gets its own (unmasked) query group; the smaller leading scales
 # share one masked group. Smaller groups skip more masked scores but make smaller, less efficient matmuls:
 # 128 keeps the two largest 256 px scales (169 and 256 tokens) separate, leaving a 255-token masked prefix.
@@ -37,14 +39,14 @@ class QueryGroup(NamedTuple):
 
 def block_causal_groups(patch_nums, min_group_queries: int = MIN_GROUP_QUERIES) -> tuple[QueryGroup, ...]:
     """Query groups of the block-causal attention over the scales `patch_nums` (a prefix of the config's)."""
-    ends = np.cumsum([p * p for p in patch_nums]).tolist()
+    ends = [end for _, end in scale_begin_ends(patch_nums)]
     split = len(ends)   # scales [split, ...) each get their own group
     while split > 1 and ends[split - 1] - ends[split - 2] >= min_group_queries:
         split -= 1
     groups = []
     if split > 0:
-        scale_ids = np.repeat(np.arange(split), [p * p for p in patch_nums[:split]])
-        mask = scale_ids[None, :] <= scale_ids[:, None]
+        ids = np.asarray(scale_ids(patch_nums[:split]))
+        mask = ids[None, :] <= ids[:, None]
         groups.append(QueryGroup(0, ends[split - 1], ends[split - 1], None if mask.all() else mask))
     for si in range(split, len(ends)):
         groups.append(QueryGroup(ends[si - 1], ends[si], ends[si], None))

@@ -11,11 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from var_jax.scale_config import ScaleScheduleConfig
-
-# Token-map side lengths of the released models (256 px and 512 px images, downsample 16).
-PATCH_NUMS_256 = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
-PATCH_NUMS_512 = (1, 2, 3, 4, 6, 9, 13, 18, 24, 32)
+from var_jax.scale_config import PATCH_NUMS_256, PATCH_NUMS_512, ScaleScheduleConfig
 
 # init_adaln_gamma of the README training recipes (alng), by depth; other depths keep the 1e-5 default.
 RECIPE_INIT_ADALN_GAMMA = {16: 1e-3, 20: 1e-3, 24: 1e-4, 30: 1e-5, 36: 5e-6}
@@ -76,26 +72,6 @@ class VARConfig(ScaleScheduleConfig):
     @property
     def first_l(self) -> int:
         return self.patch_nums[0] ** 2
-
-    @property
-    def scale_ids(self) -> tuple[int, ...]:
-        """Scale index of every position of the L-long sequence."""
-        return tuple(si for si, p in enumerate(self.patch_nums) for _ in range(p * p))
-
-    @property
-    def scale_begin_ends(self) -> tuple[tuple[int, int], ...]:
-        """[begin, end) of each scale in the sequence."""
-        out, cur = [], 0
-        for p in self.patch_nums:
-            out.append((cur, cur + p * p))
-            cur += p * p
-        return tuple(out)
-
-    def prefix_len(self, num_scales: int) -> int:
-        """Length of the sequence made of the first `num_scales` scales."""
-        if not 1 <= num_scales <= self.num_scales:
-            raise ValueError(f"num_scales must be in [1, {self.num_scales}], got {num_scales}")
-        return self.scale_begin_ends[num_scales - 1][1]
 
     # ---- checks and (de)serialisation ------------------------------------------------------------------------
     def validate(self) -> "VARConfig":

@@ -14,7 +14,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from var_jax.transformer.config import PATCH_NUMS_256, PATCH_NUMS_512, VARConfig
+from var_jax.scale_config import REFERENCE_PATCH_NUMS, prefix_len
+from var_jax.transformer.config import VARConfig
 from var_jax.transformer.model import VAR, block_causal_mask
 
 _BUFFERS = ("lvl_1L", "attn_bias_for_masking")
@@ -82,12 +83,12 @@ def _patch_nums_from(sd, seq_len: int, tokenizer_config, patch_nums):
             raise ValueError(f"lvl_1L: scale sizes {counts.tolist()} are not squares; pass patch_nums=")
         source, found = "lvl_1L", tuple(sides)
     else:
-        known = {sum(p * p for p in pn): pn for pn in (PATCH_NUMS_256, PATCH_NUMS_512)}
+        known = {prefix_len(pn): pn for pn in REFERENCE_PATCH_NUMS.values()}
         if seq_len not in known:
             raise ValueError(f"pos_1LC has L={seq_len}, not a released model's; pass patch_nums=")
         source, found = "pos_1LC length", known[seq_len]
-    if sum(p * p for p in found) != seq_len:
-        raise ValueError(f"{source}={found} gives L={sum(p * p for p in found)}, but pos_1LC has L={seq_len}")
+    if prefix_len(found) != seq_len:
+        raise ValueError(f"{source}={found} gives L={prefix_len(found)}, but pos_1LC has L={seq_len}")
     return found
 
 
