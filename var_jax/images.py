@@ -47,3 +47,22 @@ def image_format(path) -> str:
         raise ValueError(f"{os.fspath(path)}: cannot write images with extension {suffix or '(none)'!r} "
                          f"(use .png, .jpg, .webp or .bmp)")
     return fmt
+
+
+def write_npz_streaming(path, entries) -> None:
+    """An uncompressed .npz written entry by entry without holding any array whole, atomically.
+
+    entries: (name, dtype, shape, chunks) each, `chunks` an iterable of arrays (or bytes) whose C-order bytes, in
+    order, make up the (shape) array; np.load reads the result like any np.savez file."""
+    import zipfile
+
+    def write(f):
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for name, dtype, shape, chunks in entries:
+                with zf.open(f"{name}.npy", "w", force_zip64=True) as entry:
+                    np.lib.format.write_array_header_2_0(
+                        entry, {"descr": np.dtype(dtype).str, "fortran_order": False, "shape": tuple(shape)})
+                    for chunk in chunks:
+                        entry.write(chunk if isinstance(chunk, bytes) else
+                                    np.ascontiguousarray(chunk, dtype=dtype).tobytes())
+    atomic_write(path, write)

@@ -5,12 +5,19 @@ Examples:
   python -m var_jax reconstruct --checkpoint checkpoints/vae256 --images images.npz --out rec.npz --batch-size 32
 
 --images is an .npz whose `arr_0` is uint8 (N, H, W, 3) at the tokenizer's image size, or a folder of image files
-(resized on the shorter side and center-cropped, the reference's evaluation transform). The output .npz holds
-`arr_0` uint8 (N, H, W, 3) reconstructions and `tokens_<k>` int32 (N, pn_k²) per scale k.
+(resized on the shorter side and center-cropped, the reference's evaluation transform); files that cannot be
+decoded are skipped and listed. The output .npz holds `arr_0` uint8 (N, H, W, 3) reconstructions and `tokens_<k>`
+int32 (N, pn_k²) per scale k.
+
+Inputs and outputs are streamed a batch at a time (the input .npz row by row from its zip entry, the folder file by
+file; the outputs through temporary files beside --out that vanish with the process), so memory holds one batch
+whatever the number of images; the disk briefly holds the output twice.
 """
 from __future__ import annotations
 
 import functools
+import sys
+import tempfile
 
 from var_jax.cli import CommandError, parse_int_list
 from var_jax.paths import atomic_write, user_path
@@ -27,33 +34,131 @@ def add_arguments(parser):
                         help="device mesh sizes data,fsdp,tensor; -1 = all remaining devices (default -1,1,1)")
 
 
-def load_images(source: str, image_size: int):
-    """uint8 (N, image_size, image_size, 3) from an .npz (arr_0) or a folder of image files."""
-    import numpy as np
+class NpzImages:
+    """The `arr_0` images of an .npz, read a batch at a time from the archive (never the whole array)."""
 
+    def __init__(self, path, image_size: int):
+        import zipfile
+
+        import numpy as np
+        self.path = path
+        try:
+            with path.open("rb") as f, zipfile.ZipFile(f) as zf:
+                if "arr_0.npy" not in zf.namelist():
+                    raise CommandError(f"--images {path}: no 'arr_0' entry (has {[n[:-4] for n in zf.namelist()]})")
+                with zf.open("arr_0.npy") as entry:
+                    shape, fortran, dtype = self._header(entry)
+        except CommandError:
+            raise
+        except Exception as e:  # a damaged archive: zipfile / numpy raise many types
+            raise CommandError(f"--images {path}: cannot read: {e}") from None
+        expected = (image_size, image_size, 3)
+        if dtype != np.uint8 or len(shape) != 4 or tuple(shape[1:]) != expected or fortran:
+            raise CommandError(f"--images {path}: arr_0 must be uint8 (N, {image_size}, {image_size}, 3) for this "
+                               f"tokenizer, got {dtype} {shape}")
+        if shape[0] == 0:
+            raise CommandError(f"--images {path}: arr_0 holds no images (shape {shape})")
+        self.shape = tuple(shape)
+        self.skipped: list[str] = []
+
+    @staticmethod
+    def _header(entry):
+        import numpy as np
+        version = np.lib.format.read_magic(entry)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        return read(entry)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def batches(self, batch_size: int):
+        import zipfile
+
+        import numpy as np
+        row = int(np.prod(self.shape[1:]))
+        with self.path.open("rb") as f, zipfile.ZipFile(f) as zf, zf.open("arr_0.npy") as entry:
+            self._header(entry)
+            for start in range(0, len(self), batch_size):
+                count = min(batch_size, len(self) - start)
+                data = entry.read(count * row)
+                if len(data) != count * row:
+                    raise CommandError(f"--images {self.path}: arr_0 is truncated after {start} images")
+                yield np.frombuffer(data, np.uint8).reshape(count, *self.shape[1:])
+
+
+class FolderImages:
+    """The image files of a folder, decoded a batch at a time; files that cannot be decoded are skipped and
+    kept in `skipped` (as training does with its data)."""
+
+    def __init__(self, path, image_size: int):
+        self.files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not self.files:
+            raise CommandError(f"--images {path}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+        self.path, self.image_size = path, image_size
+        self.skipped: list[str] = []
+
+    def __len__(self):
+        return len(self.files)
+
+    def batches(self, batch_size: int):
+        import numpy as np
+
+        from var_jax.data.transforms import load_image_for_eval
+        batch = []
+        for file in self.files:
+            try:
+                batch.append(load_image_for_eval(file, self.image_size))
+            except (OSError, ValueError) as e:   # PIL: unidentified or truncated file
+                self.skipped.append(file.name)
+                print(f"reconstruct: skipping unreadable {file}: {e}", file=sys.stderr)
+            if len(batch) == batch_size:
+                yield np.stack(batch)
+                batch = []
+        if batch:
+            yield np.stack(batch)
+
+
+def open_images(source: str, image_size: int):
+    """NpzImages or FolderImages of --images; errors name the option and the problem."""
     path = user_path(source)
     if path.is_dir():
-        from var_jax.data.transforms import load_image_for_eval
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise CommandError(f"--images {path}: no image files ({', '.join(IMAGE_SUFFIXES)})")
-        return np.stack([load_image_for_eval(p, image_size) for p in files])
+        return FolderImages(path, image_size)
     if path.suffix.lower() != ".npz" or not path.is_file():
         raise CommandError(f"--images {path}: expected an existing .npz file or a folder of images")
-    try:
-        with path.open("rb") as f, np.load(f, allow_pickle=False) as data:
-            if "arr_0" not in data.files:
-                raise CommandError(f"--images {path}: no 'arr_0' entry (has {data.files})")
-            images = data["arr_0"]
-    except CommandError:
-        raise
-    except Exception as e:  # a damaged archive
-        raise CommandError(f"--images {path}: cannot read: {e}") from None
-    expected = (image_size, image_size, 3)
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != expected:
-        raise CommandError(f"--images {path}: arr_0 must be uint8 (N, {image_size}, {image_size}, 3) for this "
-                           f"tokenizer, got {images.dtype} {images.shape}")
-    return images
+    return NpzImages(path, image_size)
+
+
+class RowSpool:
+    """Output arrays grown a batch of rows at a time in unnamed temporary files (gone when the process ends,
+    however it ends), then streamed into one .npz: memory holds one batch."""
+
+    def __init__(self, directory=None):
+        self.directory = directory
+        self.files, self.rows = {}, {}
+
+    def append(self, name: str, rows):
+        import numpy as np
+        rows = np.ascontiguousarray(rows)
+        if name not in self.files:
+            self.files[name] = tempfile.TemporaryFile(dir=self.directory)
+            self.rows[name] = (rows.dtype, rows.shape[1:], 0)
+        dtype, shape, n = self.rows[name]
+        self.files[name].write(rows.tobytes())
+        self.rows[name] = (dtype, shape, n + len(rows))
+
+    def write_npz(self, path):
+        from var_jax.images import write_npz_streaming
+
+        def chunks(f):
+            f.seek(0)
+            while chunk := f.read(1 << 24):
+                yield chunk
+        write_npz_streaming(path, [(name, dtype, (n, *shape), chunks(self.files[name]))
+                                   for name, (dtype, shape, n) in self.rows.items()])
+
+    def close(self):
+        for f in self.files.values():
+            f.close()
 
 
 @functools.cache
@@ -75,15 +180,23 @@ def reconstruct_batch(graphdef, state, images):
 
 
 def run(args):
+    out_path = user_path(args.out)
+    if out_path.suffix.lower() != ".npz":
+        raise CommandError(f"--out {out_path} must end in .npz (the reconstructions and tokens are one .npz)")
+    if out_path.is_dir():
+        raise CommandError(f"--out {out_path} is a directory; give a file name ending in .npz")
+
     import jax
     import numpy as np
     from flax import nnx
     from tqdm import tqdm
 
-    from var_jax.checkpoints import CheckpointError, load_model_dir
+    from var_jax.checkpoints import CheckpointError, load_model_dir, read_model_config
     from var_jax.data.transforms import from_model_range, to_model_range
-    from var_jax.eval.metrics import psnr
+    from var_jax.eval.metrics import psnr_per_image
+    from var_jax.paths import is_local
     from var_jax.sharding import batch_sharding, data_parallel_size, make_mesh
+    from var_jax.tokenizer.config import TokenizerConfig
 
     try:
         mesh = make_mesh(parse_int_list(args.mesh, "--mesh"))
@@ -93,34 +206,46 @@ def run(args):
     if args.batch_size < 1 or args.batch_size % dp:
         raise CommandError(f"--batch-size {args.batch_size} must be a positive multiple of the {dp} data-parallel "
                            f"devices of mesh {dict(mesh.shape)}")
+    # the inputs are checked against the config before the model is loaded and compiled
+    try:
+        config = read_model_config(args.checkpoint)
+        if config.get("tokenizer") is None:
+            raise CommandError(f"{args.checkpoint} holds no tokenizer")
+        image_size = TokenizerConfig.from_dict(config["tokenizer"]).image_size
+    except (CheckpointError, OSError, TypeError, ValueError) as e:
+        raise CommandError(str(e)) from None
+    images = open_images(args.images, image_size)
     try:
         bundle = load_model_dir(args.checkpoint, mesh=mesh)
-    except CheckpointError as e:
+    except (CheckpointError, OSError) as e:
         raise CommandError(str(e)) from None
-    if bundle.tokenizer is None:
-        raise CommandError(f"{args.checkpoint} holds no tokenizer")
-    cfg = bundle.tokenizer_config
-    images = load_images(args.images, cfg.image_size)
-    n, bs = len(images), args.batch_size
+    cfg, bs = bundle.tokenizer_config, args.batch_size
 
     graphdef, state = nnx.split(bundle.tokenizer)
     step = compiled_reconstruct_batch()
     in_sharding = batch_sharding(mesh, 4)
-    recs, tokens = [], [[] for _ in cfg.patch_nums]
-    for start in tqdm(range(0, n, bs), desc="reconstruct", unit="batch"):
-        batch = images[start:start + bs]
-        real = len(batch)
-        if real < bs:   # pad the last batch (repeating its last image) so every batch compiles to one shape
-            batch = np.concatenate([batch, np.repeat(batch[-1:], bs - real, axis=0)])
-        rec, toks = step(graphdef, state, jax.device_put(to_model_range(batch), in_sharding))
-        recs.append(from_model_range(np.asarray(rec)[:real]))
-        for k, t in enumerate(toks):
-            tokens[k].append(np.asarray(t)[:real].astype(np.int32))
-
-    out = {"arr_0": np.concatenate(recs)}
-    out.update({f"tokens_{k}": np.concatenate(t) for k, t in enumerate(tokens)})
-    out_path = user_path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out_path, lambda f: np.savez(f, **out))
-    print(f"PSNR {psnr(out['arr_0'], images):.2f} dB over {n} images ({cfg.image_size} px); wrote {out_path}")
+    spool = RowSpool(out_path.parent if is_local(out_path) else None)
+    psnrs = []
+    try:
+        for batch in tqdm(images.batches(bs), total=-(-len(images) // bs), desc="reconstruct", unit="batch"):
+            real = len(batch)
+            if real < bs:   # pad the last batch (repeating its last image) so every batch compiles to one shape
+                batch = np.concatenate([batch, np.repeat(batch[-1:], bs - real, axis=0)])
+            rec, toks = step(graphdef, state, jax.device_put(to_model_range(batch), in_sharding))
+            rec = from_model_range(np.asarray(rec)[:real])
+            psnrs.append(psnr_per_image(rec, batch[:real]))
+            spool.append("arr_0", rec)
+            for k, t in enumerate(toks):
+                spool.append(f"tokens_{k}", np.asarray(t)[:real].astype(np.int32))
+        if not psnrs:
+            raise CommandError(f"--images {args.images}: none of the {len(images)} image files could be read")
+        spool.write_npz(out_path)
+    finally:
+        spool.close()
+    n = sum(len(p) for p in psnrs)
+    skipped = (f"; skipped {len(images.skipped)} unreadable file(s): {', '.join(images.skipped[:5])}"
+               f"{' ...' if len(images.skipped) > 5 else ''}" if images.skipped else "")
+    print(f"PSNR {float(np.mean(np.concatenate(psnrs))):.2f} dB over {n} images ({cfg.image_size} px); "
+          f"wrote {out_path}{skipped}")
     return 0

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import zipfile
 from var_jax.cli import CommandError, add_distributed_arguments, check_sampling_args, parse_int_list
 from var_jax.cli.reruns import check_same_settings
 from var_jax.paths import atomic_write, user_path
@@ -64,21 +63,17 @@ def plan_labels(classes: str | None, num_per_class: int, num_classes: int):
 
 def write_adm_npz(path, shard_paths, num_images: int, image_shape, labels):
     """Stream the shards into one .npz (arr_0 uint8 NHWC, arr_1 int64 labels) without holding every image in
-    memory: the zip entry is a .npy header followed by each shard's bytes."""
+    memory."""
     import numpy as np
 
-    def write(f):
-        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-            with zf.open("arr_0.npy", "w", force_zip64=True) as entry:
-                np.lib.format.write_array_header_2_0(
-                    entry, {"descr": np.dtype(np.uint8).str, "fortran_order": False,
-                            "shape": (num_images, *image_shape)})
-                for shard in shard_paths:
-                    with shard.open("rb") as g, np.load(g) as data:
-                        entry.write(np.ascontiguousarray(data["images"]).tobytes())
-            with zf.open("arr_1.npy", "w") as entry:
-                np.lib.format.write_array(entry, np.asarray(labels, np.int64))
-    atomic_write(path, write)
+    from var_jax.images import write_npz_streaming
+
+    def shard_images():
+        for shard in shard_paths:
+            with shard.open("rb") as g, np.load(g) as data:
+                yield data["images"]
+    write_npz_streaming(path, [("arr_0", np.uint8, (num_images, *image_shape), shard_images()),
+                               ("arr_1", np.int64, (len(labels),), [np.asarray(labels, np.int64)])])
 
 
 def host_batches(num_images: int, batch_size: int, process_index: int = 0, process_count: int = 1):
