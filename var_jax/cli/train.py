@@ -136,10 +136,10 @@ def run(args):
 
     from var_jax.checkpoints import CheckpointError
     from var_jax.train.checkpointing import CheckpointMismatch
-    from var_jax.train.stage import ConfigError
+    from var_jax.train.stage import ConfigError, TrainingError
     from var_jax.train.trainer import train
     try:
         train(config, args.workdir)
-    except (ConfigError, CheckpointMismatch, CheckpointError) as e:
+    except (ConfigError, CheckpointMismatch, CheckpointError, TrainingError) as e:
         raise CommandError(str(e)) from None
     return 0

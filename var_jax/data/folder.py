@@ -7,7 +7,8 @@
 Classes are the sorted sub-folder names (label = position), files are sorted, and only files with an image
 extension are listed (anything else is ignored). A file that cannot be decoded is skipped: the next readable
 index is served in its place (deterministically), the file is counted in `num_unreadable` and logged once as a
-warning, so one bad file never stops a run. With grain worker processes each worker keeps its own counts.
+warning, so one bad file never stops a run. With grain worker processes each worker keeps its own counts; the
+record's `skipped_images` flag (1 on a replaced example) is what reaches the trainer's metrics.
 """
 from __future__ import annotations
 
@@ -89,7 +90,9 @@ class ImageFolderSource:
                 continue
             if attempt:
                 self.num_substitutions += 1
-            return {"image": image, "label": np.int32(label)}
+            # Counted in the example (1 when the file at `index` was unreadable, so a bad file counts once per
+            # epoch): worker processes' own counters never reach the trainer, the batch does.
+            return {"image": image, "label": np.int32(label), "skipped_images": np.int32(attempt > 0)}
         raise RuntimeError(f"image folder {self.root!r}: {MAX_SUBSTITUTIONS + 1} consecutive files from index "
                            f"{index} are unreadable; the dataset is broken")
 

@@ -23,7 +23,10 @@ from var_jax.data.transforms import preprocess, to_model_range
 def _transform_example(example: dict, rng: np.random.Generator | None, *, image_size: int, train: bool,
                        hflip: bool) -> dict:
     image = preprocess(example["image"], image_size, train=train, rng=rng, hflip=hflip)
-    return {"image": to_model_range(image), "label": np.int32(example["label"])}
+    # skipped_images: 1 where the source replaced an unreadable file by the next readable one (folder.py); it
+    # travels with the example so that grain worker processes need no side channel, and the train step sums it.
+    return {"image": to_model_range(image), "label": np.int32(example["label"]),
+            "skipped_images": np.int32(example.get("skipped_images", 0))}
 
 
 def _eval_example(example: dict, *, image_size: int) -> dict:
@@ -49,7 +52,8 @@ def make_dataset(source, *, image_size: int, global_batch_size: int, seed: int, 
                  shard_index: int | None = None, shard_count: int | None = None, num_epochs: int | None = None,
                  worker_count: int = 0, hflip: bool = False, drop_remainder: bool = True, num_threads: int = 8,
                  prefetch_buffer_size: int = 8) -> grain.IterDataset:
-    """Batches {'image': float32 (B, R, R, 3) in [-1, 1], 'label': int32 (B,)} for this host, B = global / hosts.
+    """Batches {'image': float32 (B, R, R, 3) in [-1, 1], 'label': int32 (B,), 'skipped_images': int32 (B,)} for
+    this host, B = global / hosts ('skipped_images': 1 where an unreadable file was replaced).
 
     train: seeded shuffle, random crops (and flips with `hflip`); otherwise source order and centre crops.
     num_epochs: None repeats forever. drop_remainder: the stream is cut to whole global batches, so every host

@@ -1,9 +1,19 @@
 """Training checkpoints: an orbax CheckpointManager over WORKDIR/checkpoints.
 
-Each checkpoint holds the train state (model, optimizer, step, RNG; restored straight onto the shardings of
-the current abstract state, so a different mesh is the same code path) and the data iterator's position
-(grain). Saves are asynchronous; `keep` checkpoints are kept. WORKDIR/checkpoints/model_config.json records the
-model configuration of the run: resuming with a config whose model differs is refused, naming the fields.
+Each checkpoint holds the train state (model, optimizer, step, RNG, fault counters; restored straight onto the
+shardings of the current abstract state, so a different mesh is the same code path) and the data iterator's
+position (grain). Saves are asynchronous; `keep` checkpoints are kept. A save refuses a state with a non-finite
+parameter (the train step never produces one; this is the last line of defence).
+
+Resume guard: WORKDIR/checkpoints/run_config.json records the model configuration and the run configuration that
+shapes the result (everything but RUN_SETTINGS: step counts, intervals, mesh, dtypes...). Resuming with a config
+that differs is refused, naming the fields. Workdirs from before run_config.json hold only model_config.json: the
+model is checked and run_config.json is written from then on.
+
+Unreadable checkpoints: `restore_latest` tries the newest first and falls back to older ones, saying which it
+skipped and why; once an older one is read, the skipped ones are moved to WORKDIR/checkpoints_unreadable/ so
+they are neither retried nor kept in place of good ones. With none readable the run stops (nothing is moved). (Orbax writes a step into a temporary directory renamed on commit, so a save
+interrupted by SIGKILL leaves no step directory orbax would list.)
 """
 from __future__ import annotations
 
@@ -11,16 +21,30 @@ import json
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from var_jax.data.pipeline import checkpoint_restore_args, checkpoint_save_args
 from var_jax.paths import atomic_write_text, user_path
+from var_jax.train.stage import TrainingError
 
-MODEL_CONFIG_FILE = "model_config.json"
+MODEL_CONFIG_FILE = "model_config.json"       # the model config alone (older workdirs have only this)
+RUN_CONFIG_FILE = "run_config.json"           # {"model": ..., "run": ...}
+UNREADABLE_DIR = "checkpoints_unreadable"
+
+# Config fields that may change between a run and its resumption: they do not change what is computed (or, for
+# total_steps, the user extends a run on purpose). Dotted names for nested fields.
+RUN_SETTINGS = ("total_steps", "log_every", "checkpoint_every", "sample_every", "keep_checkpoints",
+                "num_sample_images", "max_nonfinite_steps", "peak_flops", "mesh", "compute_dtype",
+                "model.remat", "model.attention_impl", "data.worker_count", "tokenizer_checkpoint")
 
 
 class CheckpointMismatch(ValueError):
-    """The workdir holds checkpoints of a different model."""
+    """The workdir holds checkpoints of a different model or run configuration."""
+
+
+class UnreadableCheckpoints(TrainingError):
+    """Every checkpoint of the workdir failed to restore."""
 
 
 def _differences(stored, current, prefix="") -> list[str]:
@@ -32,29 +56,71 @@ def _differences(stored, current, prefix="") -> list[str]:
     return [] if stored == current else [f"{prefix.rstrip('.')}: checkpoint has {stored!r}, config has {current!r}"]
 
 
+def run_identity(config) -> dict:
+    """The config as JSON-able data, without RUN_SETTINGS."""
+    data = json.loads(config.to_json_best_effort()) if hasattr(config, "to_json_best_effort") else json.loads(
+        json.dumps(config))
+    for name in RUN_SETTINGS:
+        *parents, leaf = name.split(".")
+        node = data
+        for parent in parents:
+            node = node.get(parent, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return data
+
+
+def _one_line(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
+
+
+@jax.jit
+def _all_finite(params):
+    from var_jax.train.state import tree_all_finite
+    return tree_all_finite(params)
+
+
 class TrainCheckpointer:
-    def __init__(self, workdir, *, keep: int, model_config: dict):
-        self.directory = user_path(workdir) / "checkpoints"
+    def __init__(self, workdir, *, keep: int, model_config: dict, run_config: dict | None = None):
+        self.workdir = user_path(workdir)
+        self.directory = self.workdir / "checkpoints"
         self.model_config = json.loads(json.dumps(model_config))   # normalised: tuples -> lists
+        self.run_config = json.loads(json.dumps(run_config)) if run_config is not None else None
         options = ocp.CheckpointManagerOptions(max_to_keep=max(int(keep), 1), create=True,
                                                enable_async_checkpointing=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
 
-    # ---- the model-config guard ----------------------------------------------------------------------------
+    # ---- the resume guard ------------------------------------------------------------------------------------
     def check_model_config(self):
-        """Refuse to resume checkpoints of another model; record the config on a fresh run."""
-        path = self.directory / MODEL_CONFIG_FILE
-        if path.exists():
-            stored = json.loads(path.read_text())
-            diffs = _differences(stored, self.model_config)
-            if diffs:
-                raise CheckpointMismatch(
-                    f"the checkpoints in {self.directory} are of a different model than the config: "
-                    + "; ".join(diffs[:8]) + (" ..." if len(diffs) > 8 else "")
-                    + " (use a new --workdir, or the config the checkpoints were made with)")
-        elif jax.process_index() == 0:
+        """Refuse to resume checkpoints of another model or run config; record them on a fresh run. Writes only
+        into WORKDIR/checkpoints, and only when nothing there disagrees."""
+        run_path, model_path = self.directory / RUN_CONFIG_FILE, self.directory / MODEL_CONFIG_FILE
+        current = {"model": self.model_config, "run": self.run_config}
+        if run_path.exists():
+            stored = json.loads(run_path.read_text())
+            if self.run_config is None:      # a caller that knows only the model
+                stored, current = stored["model"], self.model_config
+            diffs = _differences(stored, current)
+            what = "a different run configuration"
+        elif model_path.exists():            # an older workdir: only the model was recorded
+            diffs = _differences(json.loads(model_path.read_text()), self.model_config)
+            what = "a different model"
+        else:
+            diffs, what = [], ""
+        if diffs:
+            if any(d.startswith(("model.", "var.", "tokenizer.", "discriminator.")) for d in diffs):
+                what = "a different model"
+            raise CheckpointMismatch(
+                f"the checkpoints in {self.directory} are of {what} than the config: "
+                + "; ".join(diffs[:8]) + (" ..." if len(diffs) > 8 else "")
+                + " (use a new --workdir, or the config the checkpoints were made with)")
+        if jax.process_index() == 0:
             self.directory.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(path, json.dumps(self.model_config, indent=2, sort_keys=True) + "\n")
+            if not model_path.exists():
+                atomic_write_text(model_path, json.dumps(self.model_config, indent=2, sort_keys=True) + "\n")
+            if not run_path.exists() and self.run_config is not None:
+                atomic_write_text(run_path, json.dumps(current, indent=2, sort_keys=True) + "\n")
 
     # ---- save / restore --------------------------------------------------------------------------------------
     def latest_step(self) -> int | None:
@@ -64,14 +130,65 @@ class TrainCheckpointer:
         """Asynchronous save; returns whether a checkpoint was started (orbax skips existing steps)."""
         if step in self.manager.all_steps():
             return False
+        check_finite(state, f"checkpoint at step {step}")
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=checkpoint_save_args(data_iterator))
         return self.manager.save(step, args=args, force=force)
 
     def restore(self, step: int, abstract_state, data_iterator) -> Any:
-        """The train state at `step`, placed as `abstract_state` says; the data iterator is repositioned."""
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state),
-                                  data=checkpoint_restore_args(data_iterator))
-        return self.manager.restore(step, args=args)["state"]
+        """The train state at `step`, placed as `abstract_state` says; the data iterator is repositioned.
+
+        Checkpoints from before the fault counters existed restore with zero counters."""
+        def composite(target):
+            return ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                      data=checkpoint_restore_args(data_iterator))
+        try:
+            return self.manager.restore(step, args=composite(abstract_state))["state"]
+        except ValueError as error:
+            if "counters" not in str(error) or "tree structures do not match" not in str(error):
+                raise
+        fields = {f: getattr(abstract_state, f) for f in abstract_state.__dataclass_fields__ if f != "counters"}
+        restored = self.manager.restore(step, args=composite(fields))["state"]
+        counters = jax.tree.map(lambda a: jax.device_put(jnp.zeros(a.shape, a.dtype), a.sharding),
+                                abstract_state.counters)
+        return abstract_state.replace(**restored, counters=counters)
+
+    def restore_latest(self, abstract_state, data_iterator, log=print) -> tuple[int | None, Any]:
+        """(step, state) of the newest readable checkpoint, or (None, None) when there is none. Unreadable ones
+        are reported (one line each) and moved aside; when none is readable, UnreadableCheckpoints."""
+        skipped = {}
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                state = self.restore(step, abstract_state, data_iterator)
+            except Exception as error:  # noqa: BLE001 - any failure to read means "try the previous one"
+                skipped[step] = _one_line(error)
+                log(f"[train] skipping unreadable checkpoint at step {step}: {skipped[step]}")
+                continue
+            # Only once an older one has been read: a fault that hits every checkpoint (storage access, a bug)
+            # must not move them all away.
+            for bad in skipped:
+                self._move_aside(bad)
+            if skipped:
+                log(f"[train] moved the unreadable checkpoint(s) {sorted(skipped)} to {self.workdir / UNREADABLE_DIR}")
+            return step, state
+        if skipped:
+            raise UnreadableCheckpoints(f"no readable checkpoint in {self.directory}: "
+                                        + "; ".join(f"step {k}: {v}" for k, v in skipped.items())[:1000]
+                                        + " (remove the directory, or use a new --workdir, to start afresh)")
+        return None, None
+
+    def _move_aside(self, step: int):
+        """Out of the manager's directory, so a new save of that step is not skipped and orbax no longer lists it."""
+        if jax.process_index() == 0:
+            target = self.workdir / UNREADABLE_DIR
+            target.mkdir(parents=True, exist_ok=True)
+            destination, n = target / f"{step}", 1
+            while destination.exists():
+                destination, n = target / f"{step}.{n}", n + 1
+            (self.directory / str(step)).rename(destination)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+            multihost_utils.sync_global_devices(f"var_jax checkpoint {step} moved aside")
+        self.manager.reload()
 
     def wait(self):
         self.manager.wait_until_finished()
@@ -79,3 +196,10 @@ class TrainCheckpointer:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def check_finite(state, what: str):
+    """Raise NonFiniteError unless every parameter of `state` is finite (one fused reduction on the device)."""
+    if not bool(_all_finite(state.params)):
+        from var_jax.train.stage import NonFiniteError
+        raise NonFiniteError(f"refusing to write the {what}: it holds a non-finite parameter")

@@ -19,6 +19,14 @@ class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the field."""
 
 
+class TrainingError(RuntimeError):
+    """A run that cannot go on (the CLI prints the one-line message without a traceback)."""
+
+
+class NonFiniteError(TrainingError):
+    """Too many non-finite steps in a row, or a non-finite value about to be written."""
+
+
 @dataclasses.dataclass
 class Stage:
     name: str
@@ -33,15 +41,6 @@ class Stage:
     flops_per_example: float | None = None
     sample: Callable[[Any, int], Any] | None = None
     describe: str = ""
-
-
-def resolve_compute_dtype(name: str) -> str:
-    """'auto' -> bfloat16 on GPU/TPU, float32 on CPU."""
-    if name == "auto":
-        return "bfloat16" if jax.default_backend() in ("gpu", "tpu", "cuda", "rocm") else "float32"
-    if name not in ("float32", "bfloat16"):
-        raise ConfigError(f"compute_dtype: must be 'auto', 'float32' or 'bfloat16', got {name!r}")
-    return name
 
 
 def check_positive(config, *fields: str):

@@ -29,6 +29,44 @@ class TrainState:
     params: Any              # nested dict of float32 arrays (the nnx.Param leaves)
     opt_state: Any           # optax state; its param-shaped subtrees mirror `params`
     rng: jax.Array           # uint32[2] base key; per-step keys are fold_in(rng, step), so resume is exact
+    counters: Any            # {name: int32 scalar} fault counters (COUNTERS), replicated; checkpointed with the rest
+
+
+# Fault counters kept in the state, so that they are cumulative over resumes and need no host sync per step:
+#   skipped_steps   steps whose loss, gradient norm or updated params were not finite (their update was dropped)
+#   nonfinite_run   such steps in a row, up to the current one (0 after a finite step); the trainer stops the run
+#                   at config.max_nonfinite_steps
+#   skipped_images  unreadable training images replaced by the next readable one (the batch's `skipped_images`)
+COUNTERS = ("skipped_steps", "nonfinite_run", "skipped_images")
+
+
+def zero_counters() -> dict:
+    return {name: jnp.zeros((), jnp.int32) for name in COUNTERS}
+
+
+def tree_all_finite(tree) -> jax.Array:
+    """One bool scalar: every floating-point leaf of `tree` is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def finish_step(old, new, loss, grad_norm, batch) -> tuple[Any, dict]:
+    """The end of every train step (VAR and tokenizer): drop a non-finite update and count faults.
+
+    `old` is the state the step started from, `new` the state it computed (step already advanced). When the loss,
+    the gradient norm or any new parameter is not finite, every field of `new` (params, optimizer state, and any
+    other state such as the tokenizer's usage EMA) is replaced by `old`'s, bit for bit, except that the step still
+    advances: the data iterator has consumed the batch and per-step keys are fold_in(rng, step), so step number,
+    batch and keys stay aligned and a resumed run replays the same sequence. The optimizer's own count (the
+    learning-rate schedule) does not advance. Returns (state, counter metrics)."""
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & tree_all_finite(new.params)
+    kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    c = old.counters
+    skipped_images = jnp.sum(batch["skipped_images"]).astype(jnp.int32) if "skipped_images" in batch else 0
+    counters = {"skipped_steps": c["skipped_steps"] + jnp.where(finite, 0, 1).astype(jnp.int32),
+                "nonfinite_run": jnp.where(finite, 0, c["nonfinite_run"] + 1).astype(jnp.int32),
+                "skipped_images": c["skipped_images"] + skipped_images}
+    return kept.replace(step=old.step + 1, counters=counters), dict(counters)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,9 +130,11 @@ def abstract_train_state(parts: ModelParts, tx: optax.GradientTransformation, me
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     rep = replicated(mesh)
     shardings = TrainState(step=rep, params=param_shardings,
-                           opt_state=mirror_shardings(abstract_opt, abstract_params, param_shardings, rep), rng=rep)
+                           opt_state=mirror_shardings(abstract_opt, abstract_params, param_shardings, rep), rng=rep,
+                           counters={name: rep for name in COUNTERS})
     shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=abstract_params, opt_state=abstract_opt,
-                        rng=jax.ShapeDtypeStruct((2,), jnp.uint32))
+                        rng=jax.ShapeDtypeStruct((2,), jnp.uint32),
+                        counters={name: jax.ShapeDtypeStruct((), jnp.int32) for name in COUNTERS})
     abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     return StateLayout(abstract=abstract, shardings=shardings)
 
@@ -106,7 +146,8 @@ def init_train_state(model_fn: Callable[[nnx.Rngs], nnx.Module], tx: optax.Gradi
         param_key, step_key = jax.random.split(key)
         _, params, _ = split_model(model_fn(nnx.Rngs(param_key)))
         params = _pure(params)
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=step_key)
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=step_key,
+                          counters=zero_counters())
 
     with jax.set_mesh(mesh):
         return jax.jit(init, out_shardings=layout.shardings)(jax.random.PRNGKey(seed))

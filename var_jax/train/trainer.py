@@ -2,9 +2,16 @@
 config -> mesh -> data -> stage (models, optimizer, step) -> restore or init -> loop (step, log, checkpoint,
 sample) -> final checkpoint and exported model directory (WORKDIR/model).
 
-Resuming: rerunning with the same workdir continues from the latest checkpoint (model, optimizer, step, RNG,
-data iterator position), so the resumed run sees the same batches and logs the same losses. SIGTERM (e.g. a
-preemption notice) saves a checkpoint at the current step and exits cleanly.
+Resuming: rerunning with the same workdir continues from the latest readable checkpoint (model, optimizer, step,
+RNG, fault counters, data iterator position), so the resumed run sees the same batches and logs the same losses;
+a config that would compute something else is refused before anything in the workdir is written
+(checkpointing.py). SIGTERM (e.g. a preemption notice) saves a checkpoint at the current step and exits cleanly;
+on several processes they agree on the step through JAX's preemption sync point.
+
+Faults: a step with a non-finite loss or gradient keeps the parameters and optimizer state (state.finish_step);
+`skipped_steps` counts them in metrics.jsonl and `max_nonfinite_steps` of them in a row stop the run with a
+NonFiniteError naming the step. The consecutive count is read one step late, so the host never waits for the
+step it has just dispatched.
 """
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ import jax
 import numpy as np
 
 from var_jax.paths import atomic_write_text, user_path
-from var_jax.train.stage import ConfigError, Stage, check_positive
+from var_jax.train.stage import ConfigError, NonFiniteError, Stage, check_positive
 
 # config.stage -> "module:function" building the Stage (config, mesh, dataset_classes) -> Stage.
 STAGE_BUILDERS = {
@@ -30,6 +37,8 @@ def validate_config(config):
     if config.stage not in STAGE_BUILDERS:
         raise ConfigError(f"stage: must be one of {sorted(STAGE_BUILDERS)}, got {config.stage!r}")
     check_positive(config, "total_steps", "batch_size", "log_every", "checkpoint_every", "keep_checkpoints")
+    if "max_nonfinite_steps" in config:
+        check_positive(config, "max_nonfinite_steps")
     if int(config.sample_every) < 0:
         raise ConfigError(f"sample_every: must be >= 0, got {config.sample_every}")
 
@@ -67,27 +76,60 @@ def build_stage(config, mesh, num_classes) -> Stage:
 
 
 class _Preemption:
-    """Remembers a SIGTERM so the loop can checkpoint and exit between steps."""
+    """Whether to checkpoint and stop after the current step because of a preemption notice (SIGTERM).
+
+    One process: a SIGTERM handler sets a flag. Several processes (jax.distributed): JAX's preemption service
+    catches the signal on whichever host gets it and `reached_preemption_sync_point(step)` becomes true on every
+    host at the same step, with no collective on ordinary steps; our own handler is then not installed, since it
+    would replace JAX's."""
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self.multi_process = jax.process_count() > 1
+        self._previous = None if self.multi_process else signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         self.requested = True
 
-    def any_process(self) -> bool:
-        if jax.process_count() == 1:
+    def reached(self, step: int) -> bool:
+        if not self.multi_process:
             return self.requested
         from jax.experimental import multihost_utils
-        return bool(np.any(multihost_utils.process_allgather(np.array([self.requested]))))
+        return multihost_utils.reached_preemption_sync_point(step)
 
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+class _NonFiniteWatch:
+    """Stops the run after `limit` non-finite steps in a row, from the state's `nonfinite_run` counter. The
+    counter of step k is read after step k+1 is dispatched (or at once when the host syncs anyway), so the
+    device never idles waiting for the host."""
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.pending = None
+
+    def check(self, step: int, metrics: dict | None, now: bool = False):
+        items, self.pending = [self.pending], None
+        current = (step, metrics["nonfinite_run"]) if metrics is not None else None
+        if now:
+            items.append(current)
+        else:
+            self.pending = current
+        for item in items:
+            if item is None:
+                continue
+            done, run = item[0], int(item[1])
+            if run >= self.limit:
+                raise NonFiniteError(
+                    f"step {done}: {run} steps in a row (steps {done - run + 1}-{done}) had a non-finite loss or "
+                    f"gradient (max_nonfinite_steps={self.limit}); their updates were dropped, so the "
+                    "checkpoints hold the last finite parameters; check the learning rate and the data")
 
 
 def train(config, workdir) -> dict:
     """Run (or resume) training; returns the last logged metrics."""
-    from var_jax.train.checkpointing import TrainCheckpointer
+    from var_jax.train.checkpointing import TrainCheckpointer, check_finite, run_identity
     from var_jax.train.logging import MetricLogger
 
     workdir = user_path(workdir)
@@ -95,18 +137,21 @@ def train(config, workdir) -> dict:
     mesh = build_mesh(config)
     data_iter, num_classes = build_data(config)
     stage = build_stage(config, mesh, num_classes)
-    if jax.process_index() == 0:
-        workdir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 
-    checkpointer = TrainCheckpointer(workdir, keep=int(config.keep_checkpoints), model_config=stage.model_config)
-    checkpointer.check_model_config()
-    start = checkpointer.latest_step()
-    with jax.set_mesh(mesh):
-        if start is None:
-            start, state = 0, stage.init()
-        else:
-            state = checkpointer.restore(start, stage.layout.abstract, data_iter)
+    # The resume guard runs before anything in the workdir is written (config.json, metrics.jsonl).
+    checkpointer = TrainCheckpointer(workdir, keep=int(config.keep_checkpoints), model_config=stage.model_config,
+                                     run_config=run_identity(config))
+    try:
+        checkpointer.check_model_config()
+        with jax.set_mesh(mesh):
+            start, state = checkpointer.restore_latest(stage.layout.abstract, data_iter, log=_print0)
+            if start is None:
+                start, state = 0, stage.init()
+    except BaseException:
+        checkpointer.close()
+        raise
+    if jax.process_index() == 0:
+        atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
     total = int(config.total_steps)
     logger = MetricLogger(workdir, total_steps=total, start_step=start, batch_size=int(config.batch_size),
                           tokens_per_example=stage.tokens_per_example, flops_per_example=stage.flops_per_example,
@@ -117,6 +162,7 @@ def train(config, workdir) -> dict:
         print(f"[train] resuming from step {start} of {total}", flush=True)
 
     preemption = _Preemption()
+    nonfinite = _NonFiniteWatch(int(config.get("max_nonfinite_steps", 20)))
     last = {}
     step = start
     try:
@@ -126,24 +172,34 @@ def train(config, workdir) -> dict:
                 state, metrics = stage.step_fn(step)(state, batch, stage.frozen)
                 step += 1
                 logger.tick()
-                if step % int(config.log_every) == 0 or step == total:
+                stop = preemption.reached(step)
+                log_now = step % int(config.log_every) == 0 or step == total
+                save_now = step % int(config.checkpoint_every) == 0 or step == total or stop
+                nonfinite.check(step, metrics, now=log_now or save_now)   # those steps sync anyway
+                if log_now:
                     last = logger.write(step, {**metrics, **logger.throughput(step)})
                 if stage.sample is not None and step % int(config.sample_every) == 0:
                     _write_samples(stage, state, step, workdir, logger)
-                stop = preemption.any_process()
-                if step % int(config.checkpoint_every) == 0 or step == total or stop:
+                if save_now:
                     checkpointer.save(step, state, data_iter)
                 if stop:
-                    print(f"[train] SIGTERM: checkpoint saved at step {step}, exiting", flush=True)
+                    _print0(f"[train] SIGTERM: checkpoint saved at step {step}, exiting")
                     break
+            nonfinite.check(step, None)
         checkpointer.wait()
         if step == total:
+            check_finite(state, "exported model")
             stage.export(state, workdir / MODEL_DIR)
     finally:
         preemption.restore()
         checkpointer.close()
         logger.close()
     return last
+
+
+def _print0(message: str):
+    if jax.process_index() == 0:
+        print(message, flush=True)
 
 
 def _write_samples(stage: Stage, state, step: int, workdir, logger):

@@ -11,7 +11,7 @@ from var_jax.paths import user_path
 from var_jax.sharding import replicated, state_shardings
 from var_jax.train import flops, optimizer
 from var_jax.train.progressive import progressive_from_config
-from var_jax.train.stage import ConfigError, Stage, check_batch_divides, resolve_compute_dtype
+from var_jax.train.stage import ConfigError, Stage, check_batch_divides
 from var_jax.train.state import abstract_train_state, init_train_state, jit_train_step, model_parts
 from var_jax.train.var_loss import token_weights
 from var_jax.train.var_step import VarStepConfig, make_tokenizer_fn, make_var_train_step
@@ -50,10 +50,22 @@ def tokenizer_config_for(tok_cfg, config):
         raise ConfigError(f"patch_nums: {e}") from None
 
 
+def run_settings_from(config):
+    """The run settings of a training config: `compute_dtype`, `model.remat`, `model.attention_impl`."""
+    from var_jax.transformer import RunSettings
+    try:
+        return RunSettings(compute_dtype=config.compute_dtype, remat=config.model.get("remat", "none"),
+                           attention_impl=config.model.get("attention_impl", "auto")).resolved()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
 def var_config_from(config, tok_cfg, dataset_classes: int):
-    """VARConfig from the `model` section: -1 fields derived from depth, the tokenizer and the dataset."""
+    """VARConfig from the `model` section: -1 fields derived from depth, the tokenizer and the dataset; the run
+    settings from `run_settings_from`."""
     from var_jax.transformer import VARConfig, preset
-    m = dict(config.model)
+    from var_jax.transformer.config import RUN_SETTINGS
+    m = {k: v for k, v in dict(config.model).items() if k not in RUN_SETTINGS}
     num_classes = int(m.pop("num_classes"))
     if num_classes == -1:
         num_classes = dataset_classes
@@ -62,12 +74,13 @@ def var_config_from(config, tok_cfg, dataset_classes: int):
                           f"classes (class ids up to {dataset_classes - 1} would be out of range)")
     fields = {k: v for k, v in m.items() if not (k in _DERIVED and v == -1)}
     fields.update(num_classes=num_classes, vocab_size=tok_cfg.vocab_size, z_channels=tok_cfg.z_channels,
-                  patch_nums=tuple(tok_cfg.patch_nums), compute_dtype=resolve_compute_dtype(config.compute_dtype))
+                  patch_nums=tuple(tok_cfg.patch_nums))
     depth = int(fields.pop("depth"))
+    settings = run_settings_from(config)
     try:
         if 6 <= depth <= 36 and "width" not in fields:
-            return preset(depth, **fields)
-        return VARConfig(depth=depth, **fields)
+            return preset(depth, **fields).with_run_settings(settings)
+        return VARConfig(depth=depth, **fields).with_run_settings(settings)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model: {str(e).replace('VARConfig.', 'model.')}") from None
 
@@ -109,7 +122,8 @@ def build_var_stage(config, mesh, dataset_classes: int) -> Stage:
     tokenize = make_tokenizer_fn(tok_graphdef, tok_cfg)
     image_size = int(config.data.image_size)
     batch_example = {"image": jax.ShapeDtypeStruct((int(config.batch_size), image_size, image_size, 3), np.float32),
-                     "label": jax.ShapeDtypeStruct((int(config.batch_size),), np.int32)}
+                     "label": jax.ShapeDtypeStruct((int(config.batch_size),), np.int32),
+                     "skipped_images": jax.ShapeDtypeStruct((int(config.batch_size),), np.int32)}
     if sched.enabled:
         batch_example["loss_ramp"] = jax.ShapeDtypeStruct((), np.float32)
     compiled: dict[int, object] = {}
@@ -127,7 +141,8 @@ def build_var_stage(config, mesh, dataset_classes: int) -> Stage:
         if labels.size and (labels.min() < 0 or labels.max() >= var_cfg.num_classes):
             raise ConfigError(f"model.num_classes: batch has class ids in [{labels.min()}, {labels.max()}], "
                               f"outside [0, {var_cfg.num_classes})")
-        batch = global_batch_from_host({"image": local["image"], "label": labels.astype(np.int32)}, mesh)
+        batch = global_batch_from_host({"image": local["image"], "label": labels.astype(np.int32),
+                                        "skipped_images": local["skipped_images"]}, mesh)
         if sched.enabled:
             batch["loss_ramp"] = jax.make_array_from_process_local_data(replicated(mesh),
                                                                         np.float32(sched.ramp_at(step)))

@@ -23,7 +23,7 @@ from var_jax.scale_config import scale_begin_ends
 from var_jax.train import var_loss
 from var_jax.train.optimizer import current_hyperparams
 from var_jax.train.progressive import truncated_weights
-from var_jax.train.state import ModelParts, TrainState
+from var_jax.train.state import ModelParts, TrainState, finish_step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,8 +84,12 @@ def make_var_train_step(parts: ModelParts, tx: optax.GradientTransformation, ste
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
+        grad_norm = optax.tree.norm(grads)
         metrics = var_loss.var_metrics(logits, tokens, last_end - last_begin)
-        metrics.update(loss=loss, grad_norm=optax.tree.norm(grads), **current_hyperparams(opt_state))
-        return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+        metrics.update(loss=loss, grad_norm=grad_norm, **current_hyperparams(opt_state))
+        # A non-finite loss or gradient changes nothing but the step (see state.finish_step).
+        new_state, counters = finish_step(state, state.replace(step=state.step + 1, params=params,
+                                                               opt_state=opt_state), loss, grad_norm, batch)
+        return new_state, {**metrics, **counters}
 
     return train_step

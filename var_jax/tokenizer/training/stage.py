@@ -105,7 +105,8 @@ def build_tokenizer_stage(config, mesh, dataset_classes: int) -> Stage:
                                   total_steps=total_steps)
     layout = tokenizer_state_layout(parts, tx, mesh, tok_cfg)
     step = jit_train_step(make_tokenizer_train_step(parts.merge, tx, tok_cfg, loss_cfg, merge_lpips), layout, mesh,
-                          {"image": jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), np.float32)},
+                          {"image": jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), np.float32),
+                           "skipped_images": jax.ShapeDtypeStruct((batch_size,), np.int32)},
                           lpips_shardings)
 
     def init():
@@ -142,7 +143,7 @@ def _reconstruction_grid(config, parts, mesh):
     kept = {}
 
     def make_batch(local, step: int):
-        batch = global_batch_from_host({"image": local["image"]}, mesh)
+        batch = global_batch_from_host({"image": local["image"], "skipped_images": local["skipped_images"]}, mesh)
         if int(config.sample_every) > 0 and "images" not in kept:
             kept["images"] = jax.jit(lambda x: x[:count], out_shardings=replicated(mesh))(batch["image"])
         return batch

@@ -46,6 +46,7 @@ class TokenizerTrainState:
     params: Any              # {'generator': ..., 'discriminator': ...} pure dicts of float32 arrays
     opt_state: Any           # optax.multi_transform state: one optimizer per key of params
     rng: jax.Array           # base key; per-step keys are fold_in(rng, step)
+    counters: Any            # fault counters, as var_jax.train.state.TrainState.counters
     usage_ema: jax.Array     # (num_scales, V) float32 code-hit EMA (quantizer.update_usage_ema)
     usage_updates: jax.Array # int32 scalar: EMA updates done
 
@@ -117,7 +118,7 @@ def warm_start(state: TokenizerTrainState, tokenizer: VQVAE, layout: StateLayout
 
 
 def _fields(x) -> dict:
-    return {f: getattr(x, f) for f in ("step", "params", "opt_state", "rng")}
+    return {f: getattr(x, f) for f in ("step", "params", "opt_state", "rng", "counters")}
 
 
 def _train_state_part(x) -> TrainState:

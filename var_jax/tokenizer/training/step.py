@@ -28,6 +28,7 @@ from var_jax.tokenizer.training import losses
 from var_jax.tokenizer.training.code_usage import restart_dead_codes
 from var_jax.tokenizer.training.state import TokenizerTrainState, get_path, replace_path
 from var_jax.train.optimizer import current_hyperparams
+from var_jax.train.state import finish_step
 
 # Where the adaptive GAN weight measures gradients: the decoder's last conv kernel (VQGAN's `last_layer`).
 LAST_LAYER_PATH = ("generator", "decoder", "conv_out", "kernel")
@@ -164,7 +165,9 @@ def make_tokenizer_train_step(merge: Callable[[Any], Any], tx: optax.GradientTra
 
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, usage_ema=ema,
                                   usage_updates=state.usage_updates + 1)
-        return new_state, metrics
+        # A non-finite loss or gradient (generator or discriminator) drops the whole update, usage EMA included.
+        new_state, counters = finish_step(state, new_state, loss, optax.tree.norm(grads), batch)
+        return new_state, {**metrics, **counters}
 
     return train_step
 
