@@ -1,6 +1,7 @@
 """Choosing a data source from a small config.
 
     {'name': 'digits', 'image_size': 32}                                    # embedded, no download
+    {'name': 'shapes', 'image_size': 32, 'split': 'train'}                  # procedural, unlimited ('val': held out)
     {'name': 'folder', 'path': '/data/imagenet/train'}                      # one sub-folder per class
     {'name': 'tfds', 'tfds_name': 'imagenet2012', 'split': 'train', 'data_dir': '/data/tfds'}
 
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-SOURCE_NAMES = ("digits", "folder", "tfds")
+SOURCE_NAMES = ("digits", "shapes", "folder", "tfds")
 # Keys of the data config; pipeline options may share the dict, build_source ignores them.
 SOURCE_KEYS = ("name", "path", "tfds_name", "split", "data_dir", "image_size", "image_key", "label_key")
 PIPELINE_KEYS = ("hflip", "worker_count", "num_threads", "prefetch_buffer_size")
@@ -44,6 +45,10 @@ def build_source(config) -> tuple[Any, int]:
         from var_jax.data.digits import DigitsSource
         source = DigitsSource(resolution=int(_required(config, "image_size", "for name='digits'")),
                               split=split or "all")
+    elif name == "shapes":
+        from var_jax.data.shapes import ShapesSource
+        source = ShapesSource(resolution=int(_required(config, "image_size", "for name='shapes'")),
+                              split=split or "train")
     elif name == "folder":
         from var_jax.data.folder import ImageFolderSource
         path = _required(config, "path", "for name='folder' (a directory with one sub-folder per class)")
