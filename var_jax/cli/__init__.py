@@ -15,6 +15,7 @@ COMMANDS = {
     "train": ("train", "train the tokenizer or the VAR transformer from a config file"),
     "sample": ("sample", "class-conditional sampling into an ADM-evaluator .npz and a PNG grid"),
     "edit": ("edit", "zero-shot in-painting, out-painting and class-conditional editing"),
+    "eval": ("eval", "FID, sFID, Inception Score, precision and recall of samples against references (ADM evaluator)"),
     "demo": ("demo", "train both stages on the embedded digits dataset and sample from the result"),
 }
 
@@ -50,6 +51,25 @@ def check_sampling_args(args) -> None:
         raise CommandError(f"--top-k must be >= 0 (0: off), got {args.top_k}")
     if not 0 <= args.seed <= MAX_SEED:
         raise CommandError(f"--seed must be in 0..{MAX_SEED} (a uint32), got {args.seed}")
+
+
+def add_run_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """How this process runs the transformer (var_jax.transformer.RunSettings; not part of the model)."""
+    # no `choices=`: importing the transformer here would slow `--help`; run_settings_from_args checks them
+    parser.add_argument("--compute-dtype", default="auto",
+                        help="activation dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32 or bfloat16")
+    parser.add_argument("--attention-impl", default="auto",
+                        help="auto, grouped, xla or cudnn (see var_jax/transformer/config.py)")
+
+
+def run_settings_from_args(args):
+    """The transformer.RunSettings of --compute-dtype / --attention-impl, resolved for this process's backend."""
+    from var_jax.transformer import RunSettings
+    try:
+        return RunSettings(compute_dtype=args.compute_dtype, attention_impl=args.attention_impl).resolved()
+    except ValueError as e:
+        field, _, why = str(e).partition(":")
+        raise CommandError(f"--{field.replace('_', '-')}:{why}") from None
 
 
 def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,163 @@
+"""Feature sets of image collections, statistics files, and the metrics between two sets.
+
+A `FeatureSet` is what the metrics need of one image collection: the count, the float64 mean and covariance
+of the pool features (FID) and of the spatial features (sFID), the pool features themselves as float32 (kept for
+precision and recall: the k-NN manifolds need every vector), and the Inception Score of the collection.
+
+A statistics file (`save_stats`) is an .npz holding exactly that: `mu`, `sigma`, `mu_s`, `sigma_s`, `features`
+(pool features, float32 (N, D)), `inception_score`, `num_images`, and which network made them (`feature_kind`,
+`network_id`, `network_sha256`, the sha256 of the weights file for Inception). With it as the reference, every
+metric is available (FID, sFID, precision, recall; IS is a property of the samples). A statistics file written
+by another network (kind or weights sha256 differ) is refused: its numbers would not be comparable.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from var_jax.eval import feature_metrics as fm
+
+STATS_FORMAT = "var-jax-eval-stats"
+STATS_VERSION = 1
+
+
+class StatsFileError(ValueError):
+    pass
+
+
+@dataclasses.dataclass
+class FeatureSet:
+    num_images: int
+    mu: np.ndarray
+    sigma: np.ndarray
+    mu_s: np.ndarray
+    sigma_s: np.ndarray
+    features: np.ndarray | None
+    inception_score: float | None = None
+    is_splits: int | None = None
+
+
+@dataclasses.dataclass
+class Network:
+    """A feature extractor: `fn(uint8 (B, H, W, 3)) -> {'pool', 'spatial', 'probs'}` as numpy, with its identity."""
+    kind: str            # 'inception' or 'digits'
+    network_id: str
+    sha256: str | None
+    fn: object
+
+    def __call__(self, batch):
+        return self.fn(batch)
+
+
+def inception_network(path, mesh, batch_size: int) -> Network:
+    """The FID Inception from pytorch-fid's weights file, jitted, batches padded to `batch_size` and sharded
+    over the mesh's data-parallel devices."""
+    import jax
+    from flax import nnx
+
+    from var_jax.eval.inception import compiled_features, load_inception
+    from var_jax.sharding import batch_sharding, replicated
+
+    model, sha = load_inception(path)
+    graphdef, state = nnx.split(model)
+    state = jax.device_put(state, replicated(mesh))
+    step = compiled_features()
+    in_sharding = batch_sharding(mesh, 4)
+
+    def fn(batch):
+        real = len(batch)
+        if real < batch_size:   # pad the last batch so every batch compiles to one shape
+            batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - real, axis=0)])
+        out = step(graphdef, state, jax.device_put(batch, in_sharding))
+        return {k: np.asarray(v)[:real] for k, v in out.items()}
+
+    return Network("inception", "pytorch-fid-inception-2015-12-05", sha, fn)
+
+
+def digits_network() -> Network:
+    from var_jax.eval.digits_features import NETWORK_ID, digits_feature_net
+    net = digits_feature_net()
+    return Network("digits", NETWORK_ID, None, net.features)
+
+
+def compute_feature_set(images, network: Network, batch_size: int, desc: str = "features",
+                        split_size: int = fm.IS_SPLIT_SIZE, progress: bool = True) -> FeatureSet:
+    """Run `network` over an image source (var_jax.eval.sources) batch by batch, accumulating statistics."""
+    from tqdm import tqdm
+
+    pool_stats, spatial_stats = fm.MomentAccumulator(), fm.MomentAccumulator()
+    is_acc = fm.InceptionScoreAccumulator(split_size)
+    features = None
+    n = len(images)
+    done = 0
+    with tqdm(total=n, desc=desc, unit="img", disable=not progress) as bar:
+        for batch in images.batches(batch_size):
+            out = network(batch)
+            if features is None:
+                features = np.empty((n, out["pool"].shape[1]), np.float32)
+            features[done:done + len(batch)] = out["pool"]
+            pool_stats.update(out["pool"])
+            spatial_stats.update(out["spatial"])
+            is_acc.update(out["probs"])
+            done += len(batch)
+            bar.update(len(batch))
+    if done < 2:
+        raise ValueError(f"{images.name}: statistics need at least 2 images, got {done}")
+    return FeatureSet(done, pool_stats.mean, pool_stats.cov, spatial_stats.mean, spatial_stats.cov, features,
+                      is_acc.result(), len(is_acc.split_scores))
+
+
+def save_stats(path, fs: FeatureSet, network: Network):
+    from var_jax.paths import atomic_write
+    arrays = {"format": np.array(STATS_FORMAT), "version": np.array(STATS_VERSION),
+              "feature_kind": np.array(network.kind), "network_id": np.array(network.network_id),
+              "network_sha256": np.array(network.sha256 or ""), "num_images": np.array(fs.num_images),
+              "mu": fs.mu, "sigma": fs.sigma, "mu_s": fs.mu_s, "sigma_s": fs.sigma_s,
+              "inception_score": np.array(np.nan if fs.inception_score is None else fs.inception_score)}
+    if fs.features is not None:
+        arrays["features"] = fs.features
+    return atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def is_stats_file(path) -> bool:
+    """An .npz without arr_0 but with mu and sigma (ours; ADM reference batches carry arr_0 and are read as
+    images, since their mu/sigma come from the TensorFlow graph)."""
+    import zipfile
+    try:
+        with path.open("rb") as raw, zipfile.ZipFile(raw) as archive:
+            names = set(archive.namelist())
+    except Exception:
+        return False
+    return "arr_0.npy" not in names and {"mu.npy", "sigma.npy"} <= names
+
+
+def load_stats(path, network: Network) -> FeatureSet:
+    try:
+        with path.open("rb") as f, np.load(f, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as e:
+        raise StatsFileError(f"{path}: cannot read statistics: {str(e).splitlines()[0] if str(e) else e!r}") from None
+    if str(arrays.get("format", "")) != STATS_FORMAT:
+        raise StatsFileError(f"{path}: not a statistics file written by `var-jax eval --save-stats`")
+    kind, sha = str(arrays["feature_kind"]), str(arrays["network_sha256"])
+    if kind != network.kind or str(arrays["network_id"]) != network.network_id:
+        raise StatsFileError(f"{path}: statistics of {kind} features ({arrays['network_id']}), "
+                             f"this run uses {network.kind} ({network.network_id})")
+    if (network.sha256 or "") != sha:
+        raise StatsFileError(f"{path}: statistics were computed with weights sha256 {sha[:12]}…, "
+                             f"these weights are {(network.sha256 or '')[:12]}…")
+    is_value = float(arrays["inception_score"])
+    return FeatureSet(int(arrays["num_images"]), arrays["mu"], arrays["sigma"], arrays["mu_s"], arrays["sigma_s"],
+                      arrays.get("features"), None if np.isnan(is_value) else is_value)
+
+
+def compare(samples: FeatureSet, ref: FeatureSet, mesh=None) -> dict:
+    """FID, sFID, IS (of the samples), precision and recall (None without reference features)."""
+    out = {"fid": fm.frechet_distance(samples.mu, samples.sigma, ref.mu, ref.sigma),
+           "sfid": fm.frechet_distance(samples.mu_s, samples.sigma_s, ref.mu_s, ref.sigma_s),
+           "inception_score": samples.inception_score,
+           "precision": None, "recall": None}
+    if samples.features is not None and ref.features is not None:
+        out["precision"], out["recall"] = fm.precision_recall(ref.features, samples.features, mesh=mesh)
+    return out
