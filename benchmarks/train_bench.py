@@ -59,14 +59,13 @@ def build(depth: int, batch: int, mesh, *, with_tokenizer: bool, remat: str = "n
     from var_jax.tokenizer.config import TokenizerConfig
     from var_jax.tokenizer.vqvae import VQVAE
     from var_jax.train import optimizer
-    from var_jax.train.stage import resolve_compute_dtype
     from var_jax.train.state import abstract_train_state, jit_train_step, model_parts
     from var_jax.train.var_step import VarStepConfig, make_tokenizer_fn, make_var_train_step
-    from var_jax.transformer import VAR, preset
+    from var_jax.transformer import VAR, RunSettings, preset
 
     tok_cfg = TokenizerConfig()                  # the released tokenizer's shape
     var_cfg = preset(depth, num_classes=1000, vocab_size=tok_cfg.vocab_size, z_channels=tok_cfg.z_channels,
-                     patch_nums=tok_cfg.patch_nums, compute_dtype=resolve_compute_dtype("auto"), remat=remat)
+                     patch_nums=tok_cfg.patch_nums).with_run_settings(RunSettings(remat=remat))
     parts = model_parts(lambda rngs: VAR(var_cfg, rngs=rngs))
     tx = optimizer.make_optimizer(optim_config(), batch_size=batch, total_steps=1000,
                                   mask=optimizer.decay_mask(parts.param_vars))

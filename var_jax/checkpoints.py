@@ -1,7 +1,9 @@
 """The model directory every command loads with `--checkpoint DIR`, and reading reference checkpoints.
 
 Layout of a model directory:
-    config.json   {"format": "var-jax-model", "version": 1, "tokenizer": {...}, "var": {...} or null}
+    config.json   {"format": "var-jax-model", "version": 1, "tokenizer": {...}, "var": {...} or null}: the models'
+                  identities (VARConfig.to_dict: no compute dtype, remat or attention implementation; those are
+                  the loading process's run settings, and older directories' copies of them are ignored)
     tokenizer/    orbax checkpoint of the tokenizer's parameters (a nested dict of arrays)
     var/          the same for the VAR transformer, when there is one
 
@@ -220,8 +222,10 @@ def _root_cause(error: BaseException) -> str:
     return (lines[0] if lines else type(error).__name__)[:300]
 
 
-def load_model_dir(directory, mesh=None) -> ModelBundle:
-    """Load a model directory; with a mesh, parameters are restored straight onto their logical-axis shardings."""
+def load_model_dir(directory, mesh=None, run_settings=None) -> ModelBundle:
+    """Load a model directory; with a mesh, parameters are restored straight onto their logical-axis shardings.
+    The transformer runs with `run_settings` (a transformer.RunSettings; None: the defaults, resolved for this
+    process's backend)."""
     from var_jax.tokenizer.config import TokenizerConfig
     from var_jax.tokenizer.vqvae import VQVAE
 
@@ -233,7 +237,7 @@ def load_model_dir(directory, mesh=None) -> ModelBundle:
             bundle.tokenizer_config = TokenizerConfig.from_dict(config["tokenizer"]).validate()
         if config.get("var") is not None:
             from var_jax.transformer.config import VARConfig
-            bundle.var_config = VARConfig.from_dict(config["var"])
+            bundle.var_config = VARConfig.from_dict(config["var"]).with_run_settings(run_settings)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{directory / CONFIG_FILE}: invalid model config: {e}") from None
     if bundle.tokenizer_config is not None:

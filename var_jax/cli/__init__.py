@@ -53,6 +53,25 @@ def check_sampling_args(args) -> None:
         raise CommandError(f"--seed must be in 0..{MAX_SEED} (a uint32), got {args.seed}")
 
 
+def add_run_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """How this process runs the transformer (var_jax.transformer.RunSettings; not part of the model)."""
+    # no `choices=`: importing the transformer here would slow `--help`; run_settings_from_args checks them
+    parser.add_argument("--compute-dtype", default="auto",
+                        help="activation dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32 or bfloat16")
+    parser.add_argument("--attention-impl", default="auto",
+                        help="auto, grouped, xla or cudnn (see var_jax/transformer/config.py)")
+
+
+def run_settings_from_args(args):
+    """The transformer.RunSettings of --compute-dtype / --attention-impl, resolved for this process's backend."""
+    from var_jax.transformer import RunSettings
+    try:
+        return RunSettings(compute_dtype=args.compute_dtype, attention_impl=args.attention_impl).resolved()
+    except ValueError as e:
+        field, _, why = str(e).partition(":")
+        raise CommandError(f"--{field.replace('_', '-')}:{why}") from None
+
+
 def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
     """The multi-host options (read by var_jax.cli.train.maybe_initialize_distributed)."""
     parser.add_argument("--distributed", action="store_true",

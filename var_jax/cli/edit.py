@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from var_jax.cli import CommandError
+from var_jax.cli import CommandError, add_run_settings_arguments, run_settings_from_args
 from var_jax.paths import atomic_write, user_path
 
 
@@ -35,6 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax embeddings (smoother look)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="output PNG")
+    add_run_settings_arguments(parser)
 
 
 def _read(path: str, what: str):
@@ -100,7 +101,7 @@ def run(args):
     from var_jax.sample.edit import edit
     from var_jax.sample.sampler import SampleOptions
     try:
-        bundle = load_model_dir(args.checkpoint)
+        bundle = load_model_dir(args.checkpoint, run_settings=run_settings_from_args(args))
     except (CheckpointError, OSError) as e:
         raise CommandError(str(e)) from None
     size = bundle.tokenizer_config.image_size

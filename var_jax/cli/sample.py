@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-from var_jax.cli import CommandError, add_distributed_arguments, check_sampling_args, parse_int_list
+from var_jax.cli import (CommandError, add_distributed_arguments, add_run_settings_arguments, check_sampling_args,
+                         parse_int_list, run_settings_from_args)
 from var_jax.cli.reruns import check_same_settings
 from var_jax.paths import atomic_write, user_path
 
@@ -45,6 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser):
                         "fastest, see benchmarks/sample_bench.py); every mode gives the same images")
     parser.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor mesh sizes (one may be -1)")
     parser.add_argument("--out", required=True, help="output directory: samples.npz, grid.png, shards/")
+    add_run_settings_arguments(parser)
     add_distributed_arguments(parser)
 
 
@@ -167,7 +169,7 @@ def run(args):
 
     if todo:
         try:
-            bundle = load_model_dir(args.checkpoint, mesh=mesh)
+            bundle = load_model_dir(args.checkpoint, mesh=mesh, run_settings=run_settings_from_args(args))
         except (CheckpointError, OSError) as e:
             raise CommandError(str(e)) from None
         sampler = Sampler(bundle, options, mesh)

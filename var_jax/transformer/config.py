@@ -1,4 +1,9 @@
-"""Hyper-parameters of the VAR transformer (one frozen, hashable dataclass).
+"""Hyper-parameters of the VAR transformer (one frozen, hashable dataclass) and the settings a run chooses.
+
+A VARConfig holds the model's identity (architecture, vocabulary, patch_nums, classes) and, for the module to
+read as static values, three run settings (`RUN_SETTINGS`: compute dtype, remat, attention implementation).
+Only the identity is saved (`to_dict`) and compared; the run settings come from `RunSettings`, resolved for the
+backend the process runs on, and are applied with `VARConfig.with_run_settings`.
 
 `width`, `heads`, `drop_path_rate` and `init_std` may be left unset (None / -1); they are resolved from `depth`
 when the config is built, following the reference shape rule (C = 64·depth, heads = depth, drop-path 0.1·depth/24,
@@ -7,6 +12,7 @@ keeps the already-resolved width and heads.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +28,37 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 # "xla" / "cudnn": jax.nn.dot_product_attention with that implementation; "auto": "grouped" on CPU, else
 # jax.nn.dot_product_attention choosing its implementation (cuDNN flash attention on GPUs where it applies).
 ATTENTION_IMPLS = ("auto", "grouped", "xla", "cudnn")
+# VARConfig fields that say how to run the model, not what it is: not saved with it, free to change on resume.
+RUN_SETTINGS = ("compute_dtype", "remat", "attention_impl")
+ACCELERATOR_BACKENDS = ("gpu", "tpu", "cuda", "rocm")
+
+
+def resolve_compute_dtype(name: str, backend: str | None = None) -> str:
+    """'auto' -> bfloat16 on GPU/TPU, float32 on CPU (`backend` defaults to JAX's default backend)."""
+    if name == "auto":
+        if backend is None:
+            import jax
+            backend = jax.default_backend()
+        return "bfloat16" if backend in ACCELERATOR_BACKENDS else "float32"
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(f"compute_dtype: must be 'auto' or one of {COMPUTE_DTYPES}, got {name!r}")
+    return name
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How this process runs a VAR model; every command that runs one takes them (configs, --compute-dtype)."""
+    compute_dtype: str = "auto"     # 'auto' | 'float32' | 'bfloat16'; parameters stay float32
+    remat: str = "none"             # see REMAT_MODES
+    attention_impl: str = "auto"    # see ATTENTION_IMPLS
+
+    def resolved(self, backend: str | None = None) -> "RunSettings":
+        """'auto' compute dtype replaced by the backend's; the others checked."""
+        if self.remat not in REMAT_MODES:
+            raise ValueError(f"remat: must be one of {REMAT_MODES}, got {self.remat!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention_impl: must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        return dataclasses.replace(self, compute_dtype=resolve_compute_dtype(self.compute_dtype, backend))
 
 
 @dataclass(frozen=True)
@@ -43,6 +80,7 @@ class VARConfig(ScaleScheduleConfig):
     init_adaln_gamma: float = 1e-5
     init_head: float = 0.02
     init_std: float = -1.0              # < 0 -> sqrt(1/(3·width))
+    # run settings (RUN_SETTINGS), not saved: set them with `with_run_settings`
     remat: str = "none"                 # "block": rematerialise each scanned block in the backward pass
     compute_dtype: str = "float32"      # parameters stay float32; activations use this dtype
     attention_impl: str = "auto"        # see ATTENTION_IMPLS; "cudnn" needs a GPU and bf16
@@ -72,6 +110,25 @@ class VARConfig(ScaleScheduleConfig):
     @property
     def first_l(self) -> int:
         return self.patch_nums[0] ** 2
+
+    # ---- identity and run settings ---------------------------------------------------------------------------
+    @property
+    def run_settings(self) -> RunSettings:
+        return RunSettings(**{name: getattr(self, name) for name in RUN_SETTINGS})
+
+    def with_run_settings(self, settings: RunSettings | None = None, backend: str | None = None) -> "VARConfig":
+        """This model run with `settings` (None: the defaults), resolved for `backend` (None: JAX's default)."""
+        settings = (settings or RunSettings()).resolved(backend)
+        return dataclasses.replace(self, **dataclasses.asdict(settings))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The model's identity, JSON-safe: every field but the run settings."""
+        return {k: v for k, v in super().to_dict().items() if k not in RUN_SETTINGS}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "VARConfig":
+        """From `to_dict` output; run settings stored by older model directories are ignored (defaults apply)."""
+        return super().from_dict({k: v for k, v in d.items() if k not in RUN_SETTINGS})
 
     # ---- checks and (de)serialisation ------------------------------------------------------------------------
     def validate(self) -> "VARConfig":
