@@ -54,12 +54,14 @@ def finish_step(old, new, loss, grad_norm, batch) -> tuple[Any, dict]:
     """The end of every train step (VAR and tokenizer): drop a non-finite update and count faults.
 
     `old` is the state the step started from, `new` the state it computed (step already advanced). When the loss,
-    the gradient norm or any new parameter is not finite, every field of `new` (params, optimizer state, and any
+    the gradient norm, any new parameter or any float in the batch is not finite, every field of `new` (params, optimizer state, and any
     other state such as the tokenizer's usage EMA) is replaced by `old`'s, bit for bit, except that the step still
     advances: the data iterator has consumed the batch and per-step keys are fold_in(rng, step), so step number,
     batch and keys stay aligned and a resumed run replays the same sequence. The optimizer's own count (the
     learning-rate schedule) does not advance. Returns (state, counter metrics)."""
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & tree_all_finite(new.params)
+    # The batch too: in the VAR stage a NaN image is quantized to valid tokens (argmin over NaN distances) and
+    # would train silently on garbage.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & tree_all_finite(new.params) & tree_all_finite(batch)
     kept = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     c = old.counters
     skipped_images = jnp.sum(batch["skipped_images"]).astype(jnp.int32) if "skipped_images" in batch else 0
