@@ -57,7 +57,7 @@ def var_model_config(depth: int, **overrides) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict(dict(
         depth=depth, width=-1, heads=-1, num_classes=-1, drop_path_rate=-1.0, init_adaln_gamma=-1.0,
         cond_drop_rate=0.1, shared_aln=False, attn_l2_norm=True, mlp_ratio=4.0, init_adaln=0.5, init_head=0.02,
-        remat="none", attention_impl="xla",
+        remat="none", attention_impl="auto",   # run settings (transformer.RunSettings), free to change on resume
     ))
     cfg.update(overrides)
     return cfg
@@ -85,8 +85,8 @@ def base_config(stage: str = "var") -> ml_collections.ConfigDict:
         max_nonfinite_steps=20,      # stop after this many steps in a row with a non-finite loss or gradient
         num_sample_images=16,
         mesh=(-1, 1, 1),             # (data, fsdp, tensor); one size may be -1
-        compute_dtype="auto",
-        peak_flops=0.0,              # per-device peak FLOP/s for MFU in the logs (0 = unknown)        # 'auto' (bfloat16 on GPU/TPU, float32 on CPU) | 'float32' | 'bfloat16'
+        compute_dtype="auto",        # 'auto' (bfloat16 on GPU/TPU, float32 on CPU) | 'float32' | 'bfloat16'
+        peak_flops=0.0,              # per-device peak FLOP/s for MFU in the logs (0 = unknown)
         tokenizer_checkpoint="",     # var stage: a model dir, or a tokenizer training workdir (uses WORKDIR/model)
         patch_nums=PATCH_NUMS_256,
         data=data_config(),

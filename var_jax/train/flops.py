@@ -1,8 +1,9 @@
 """Analytic FLOPs of a VAR training step (for throughput / MFU logging and the benchmark).
 
 Counts matrix multiplies only (2 FLOPs per multiply-add), as MFU conventions do; the backward pass costs twice
-the forward. Attention counts the dense L×L score and value products that the masked implementation executes
-(the block-causal mask does not skip work).
+the forward. Attention counts the dense L×L score and value products, whatever the implementation executes: the
+grouped attention (attention_impl 'grouped', CPU) skips most masked score blocks, so its MFU reads a little high;
+jax.nn.dot_product_attention with a mask computes them all.
 """
 from __future__ import annotations
 
