@@ -16,6 +16,7 @@ COMMANDS = {
     "sample": ("sample", "class-conditional sampling into an ADM-evaluator .npz and a PNG grid"),
     "edit": ("edit", "zero-shot in-painting, out-painting and class-conditional editing"),
     "eval": ("eval", "FID, sFID, Inception Score, precision and recall of samples against references (ADM evaluator)"),
+    "scaling": ("scaling", "power-law fits of loss against parameters and compute over a sweep (launch/sweep.py)"),
     "demo": ("demo", "train both stages on the embedded digits dataset and sample from the result"),
 }
 
@@ -33,6 +34,20 @@ def parse_int_list(text: str, what: str) -> tuple[int, ...]:
     if not values:
         raise CommandError(f"{what} is empty")
     return values
+
+
+def batch_mesh(mesh_text: str, batch_size: int):
+    """The device mesh of a --mesh option, with --batch-size checked to split evenly over its data axes."""
+    from var_jax.sharding import data_parallel_size, make_mesh
+    try:
+        mesh = make_mesh(parse_int_list(mesh_text, "--mesh"))
+    except ValueError as e:
+        raise CommandError(f"--mesh: {e}") from None
+    dp = data_parallel_size(mesh)
+    if batch_size < 1 or batch_size % dp:
+        raise CommandError(f"--batch-size {batch_size} must be a positive multiple of the {dp} data-parallel "
+                           f"devices of mesh {dict(mesh.shape)}")
+    return mesh
 
 
 # Sampling seeds reach jax.random.key as a uint32 (var_jax.sample.runner): anything else would wrap or overflow.

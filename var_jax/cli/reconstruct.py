@@ -19,8 +19,8 @@ import functools
 import sys
 import tempfile
 
-from var_jax.cli import CommandError, parse_int_list
-from var_jax.paths import atomic_write, user_path
+from var_jax.cli import CommandError, batch_mesh
+from var_jax.paths import user_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -32,58 +32,6 @@ def add_arguments(parser):
     parser.add_argument("--batch-size", type=int, default=8, help="global batch size (default 8)")
     parser.add_argument("--mesh", default="-1,1,1",
                         help="device mesh sizes data,fsdp,tensor; -1 = all remaining devices (default -1,1,1)")
-
-
-class NpzImages:
-    """The `arr_0` images of an .npz, read a batch at a time from the archive (never the whole array)."""
-
-    def __init__(self, path, image_size: int):
-        import zipfile
-
-        import numpy as np
-        self.path = path
-        try:
-            with path.open("rb") as f, zipfile.ZipFile(f) as zf:
-                if "arr_0.npy" not in zf.namelist():
-                    raise CommandError(f"--images {path}: no 'arr_0' entry (has {[n[:-4] for n in zf.namelist()]})")
-                with zf.open("arr_0.npy") as entry:
-                    shape, fortran, dtype = self._header(entry)
-        except CommandError:
-            raise
-        except Exception as e:  # a damaged archive: zipfile / numpy raise many types
-            raise CommandError(f"--images {path}: cannot read: {e}") from None
-        expected = (image_size, image_size, 3)
-        if dtype != np.uint8 or len(shape) != 4 or tuple(shape[1:]) != expected or fortran:
-            raise CommandError(f"--images {path}: arr_0 must be uint8 (N, {image_size}, {image_size}, 3) for this "
-                               f"tokenizer, got {dtype} {shape}")
-        if shape[0] == 0:
-            raise CommandError(f"--images {path}: arr_0 holds no images (shape {shape})")
-        self.shape = tuple(shape)
-        self.skipped: list[str] = []
-
-    @staticmethod
-    def _header(entry):
-        import numpy as np
-        version = np.lib.format.read_magic(entry)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        return read(entry)
-
-    def __len__(self):
-        return self.shape[0]
-
-    def batches(self, batch_size: int):
-        import zipfile
-
-        import numpy as np
-        row = int(np.prod(self.shape[1:]))
-        with self.path.open("rb") as f, zipfile.ZipFile(f) as zf, zf.open("arr_0.npy") as entry:
-            self._header(entry)
-            for start in range(0, len(self), batch_size):
-                count = min(batch_size, len(self) - start)
-                data = entry.read(count * row)
-                if len(data) != count * row:
-                    raise CommandError(f"--images {self.path}: arr_0 is truncated after {start} images")
-                yield np.frombuffer(data, np.uint8).reshape(count, *self.shape[1:])
 
 
 class FolderImages:
@@ -119,13 +67,23 @@ class FolderImages:
 
 
 def open_images(source: str, image_size: int):
-    """NpzImages or FolderImages of --images; errors name the option and the problem."""
+    """The images of --images, read a batch at a time: an .npz's arr_0 streamed from the archive (the eval
+    command's reader), or FolderImages; errors name the option and the problem."""
+    from var_jax.eval.sources import NpzImages, SourceError
     path = user_path(source)
     if path.is_dir():
         return FolderImages(path, image_size)
     if path.suffix.lower() != ".npz" or not path.is_file():
         raise CommandError(f"--images {path}: expected an existing .npz file or a folder of images")
-    return NpzImages(path, image_size)
+    try:
+        images = NpzImages(path)
+    except SourceError as e:
+        raise CommandError(f"--images {e}") from None
+    if images.image_shape != (image_size, image_size, 3):
+        raise CommandError(f"--images {path}: arr_0 must be uint8 (N, {image_size}, {image_size}, 3) for this "
+                           f"tokenizer, got {(len(images), *images.image_shape)}")
+    images.skipped = []   # an array has no unreadable files
+    return images
 
 
 class RowSpool:
@@ -195,17 +153,10 @@ def run(args):
     from var_jax.data.transforms import from_model_range, to_model_range
     from var_jax.eval.metrics import psnr_per_image
     from var_jax.paths import is_local
-    from var_jax.sharding import batch_sharding, data_parallel_size, make_mesh
+    from var_jax.sharding import batch_sharding
     from var_jax.tokenizer.config import TokenizerConfig
 
-    try:
-        mesh = make_mesh(parse_int_list(args.mesh, "--mesh"))
-    except ValueError as e:
-        raise CommandError(f"--mesh: {e}") from None
-    dp = data_parallel_size(mesh)
-    if args.batch_size < 1 or args.batch_size % dp:
-        raise CommandError(f"--batch-size {args.batch_size} must be a positive multiple of the {dp} data-parallel "
-                           f"devices of mesh {dict(mesh.shape)}")
+    mesh = batch_mesh(args.mesh, args.batch_size)
     # the inputs are checked against the config before the model is loaded and compiled
     try:
         config = read_model_config(args.checkpoint)
