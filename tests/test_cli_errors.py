@@ -66,6 +66,7 @@ def test_edit_refuses_an_unwritable_out_before_loading(model_dir, tmp_path, caps
     fails(capsys, argv + [str(tmp_path / "e.xyz")], "cannot write images with extension '.xyz'")
     (tmp_path / "dir.png").mkdir()
     fails(capsys, argv + [str(tmp_path / "dir.png")], "is a directory")
+    fails(capsys, argv + [str(tmp_path / "e.png"), "--class", "10"], "--class 10 out of range")
     # the input image is read before the model: a missing one is named
     fails(capsys, argv + [str(tmp_path / "e.png")], "--image missing.png: cannot read")
     assert sorted(os.listdir(tmp_path)) == ["dir.png"]

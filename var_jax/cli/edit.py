@@ -84,10 +84,15 @@ def run(args):
     if out.is_dir():
         raise CommandError(f"--out {out} is a directory; give an image file name such as edited.png")
     try:
-        if not read_model_config(args.checkpoint).get("var"):
-            raise CommandError(f"{args.checkpoint} has no VAR transformer; editing needs one")
+        var_config = read_model_config(args.checkpoint).get("var")
     except (CheckpointError, OSError) as e:
         raise CommandError(str(e)) from None
+    if not var_config:
+        raise CommandError(f"{args.checkpoint} has no VAR transformer; editing needs one")
+    num_classes = int(var_config.get("num_classes", 1000))
+    if args.class_id is not None and not 0 <= args.class_id < num_classes:
+        raise CommandError(f"--class {args.class_id} out of range: this model has classes 0..{num_classes - 1} "
+                           f"(leave --class out for unconditional)")
     image = _read(args.image, "--image")
     box = mask = None
     if args.box is not None:
