@@ -171,3 +171,22 @@ def test_sweep_slurm_script_runs_each_depth_through_the_gpu_launcher(tmp_path):
     assert out == ["--config", "configs/shapes_var.py:batch=8", "--workdir", f"{tmp_path}/d5",
                    "--config.model.depth=5", "--config.model.width=320", "--config.model.heads=5",
                    "--config.seed=3"]
+
+
+# ---- end to end (opt-in: minutes of CPU for compiling four models) ------------------------------------------
+
+@pytest.mark.skipif(os.environ.get("VAR_JAX_SWEEP_TEST") != "1",
+                    reason="set VAR_JAX_SWEEP_TEST=1: trains a shapes tokenizer and a 3-size sweep of 2 steps each "
+                           "(about 10 minutes on 2 shared CPU cores)")
+def test_real_three_size_sweep_on_shapes_end_to_end(tmp_path):
+    def run(*args):
+        subprocess.run([sys.executable, *args], cwd=REPO_ROOT, check=True, timeout=1200)
+    run("-m", "var_jax", "train", "--config", "configs/shapes_tokenizer.py:steps=2,batch=8", "--workdir",
+        str(tmp_path / "tok"), "--config.sample_every=0")
+    run(SWEEP, "--config", "configs/shapes_var.py:steps=2,batch=8", "--depths", "1,2,3", "--sweep-dir",
+        str(tmp_path / "sweep"), f"--config.tokenizer_checkpoint={tmp_path / 'tok'}", "--config.log_every=1")
+    run("-m", "var_jax", "scaling", "--sweep", str(tmp_path / "sweep"))
+    report = json.loads((tmp_path / "sweep" / "scaling" / "scaling.json").read_text())
+    assert [p["depth"] for p in report["points"]] == [1, 2, 3]
+    assert report["points"][0]["params"] < report["points"][1]["params"] < report["points"][2]["params"]
+    assert "val_loss~params" in report["fits"] and (tmp_path / "sweep" / "scaling" / "scaling_flops.png").exists()

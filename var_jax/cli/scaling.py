@@ -42,8 +42,8 @@ def run(args):
               f"loss {p['val_loss']}, last-scale loss {p['val_loss_last']} ({p['source']})")
     for key, fit in report["fits"].items():
         x = key.partition("~")[2]
-        print(f"{key}: {scaling.fit_formula(fit, x)}, alpha 95% CI [{fit['alpha_ci'][0]:.3f}, "
-              f"{fit['alpha_ci'][1]:.3f}] over {fit['n']} runs")
+        print(f"{key}: {scaling.fit_formula(fit, x)}, alpha 95% CI [{fit['alpha_ci'][0]:.3g}, "
+              f"{fit['alpha_ci'][1]:.3g}] over {fit['n']} runs")
     if report["source"] != "val":
         print("note: no held-out val/... metrics in some runs: their points use training metrics (source 'train')")
     print(f"wrote {path}" + "".join(f", {p.name}" for p in plots))

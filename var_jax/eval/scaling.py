@@ -18,7 +18,8 @@ run counts once it has exported WORKDIR/model/config.json. Per run:
 
 Fits: L = (β·X)^α by least squares of log L on log X (log L = α·log β + α·log X), with the Pearson
 correlation r of the logs and a bootstrap 95% interval for α (resampling runs with replacement, fixed seed;
-resamples with a single distinct X are skipped). The paper reports α < 0 (loss falls with size) and r ≈ -1.
+resamples with a single distinct X are skipped). β is null where α ≈ 0 puts it beyond float range; a
+metric that is constant over the runs has no fit (listed in `fits_skipped` with the reason). The paper reports α < 0 (loss falls with size) and r ≈ -1.
 """
 from __future__ import annotations
 
@@ -71,7 +72,9 @@ def fit_power_law(x, y, *, bootstrap: int = BOOTSTRAP_SAMPLES, seed: int = BOOTS
     alpha, intercept = _log_regression(log_x, log_y)
     try:
         beta = math.exp(intercept / alpha)
-    except OverflowError:     # alpha ≈ 0: beta is beyond float range (null in scaling.json)
+    except OverflowError:
+        beta = 0.0
+    if not 0.0 < beta < math.inf:    # alpha ≈ 0: beta is beyond float range (null in scaling.json)
         beta = None
     r = float(np.corrcoef(log_x, log_y)[0, 1])
     rng = np.random.default_rng(seed)
@@ -228,8 +231,8 @@ def scaling_report(sweep_dir) -> dict:
 
 def fit_formula(fit: dict, x: str) -> str:
     symbol = {"params": "N", "flops": "C"}[x]
-    beta = "inf" if fit["beta"] is None else f"{fit['beta']:.3g}"
-    return f"L = ({beta}·{symbol})^{fit['alpha']:.3f}, r = {fit['r']:.3f}"
+    beta = "out-of-range β" if fit["beta"] is None else f"{fit['beta']:.3g}"
+    return f"L = ({beta}·{symbol})^{fit['alpha']:.3g}, r = {fit['r']:.3f}"
 
 
 def write_plots(report: dict, out_dir) -> list:
