@@ -63,3 +63,21 @@ def test_build_source_and_pipeline_read_shapes():
                                    global_batch_size=8, seed=0, shard_index=0, shard_count=1, num_threads=1)))
     assert batch["image"].shape == (8, 16, 16, 3) and batch["label"].shape == (8,)
     assert -1.0 <= batch["image"].min() < batch["image"].max() <= 1.0
+
+
+def test_shapes_classifier_recognises_held_out_shapes_and_rejects_noise():
+    from var_jax.eval.shapes_classifier import shape_features, shapes_classifier
+    classifier = shapes_classifier(32)
+    assert classifier.held_out_accuracy >= 0.95
+    start = int(RNG.integers(0, shapes.HELD_OUT_SIZE - 100))
+    images = np.stack([shapes.render(i, 32) for i in range(start, start + 100)])
+    labels = np.array([shapes.label_of(i) for i in range(start, start + 100)])
+    score = classifier.score(images, labels)
+    assert score["accuracy"] >= 0.95 and score["in_distribution"] >= 0.8
+    assert sum(score["predicted_counts"]) == 100
+    # the same images in [-1, 1], rotated by 90°: same features up to sampling, same classes
+    rotated = np.rot90(images, axes=(1, 2)).astype(np.float32) / 127.5 - 1.0
+    assert classifier.accuracy(rotated, labels) >= 0.95
+    assert shape_features(images).shape == (100, 84)
+    noise = RNG.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
+    assert classifier.score(noise, np.zeros(40, int))["in_distribution"] <= 0.1
