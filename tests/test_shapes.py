@@ -81,3 +81,14 @@ def test_shapes_classifier_recognises_held_out_shapes_and_rejects_noise():
     assert shape_features(images).shape == (100, 84)
     noise = RNG.integers(0, 256, (40, 32, 32, 3), dtype=np.uint8)
     assert classifier.score(noise, np.zeros(40, int))["in_distribution"] <= 0.1
+
+
+@pytest.mark.parametrize("arg", ["", "latent=8", "image_size=64,latent=8"])
+def test_shapes_configs_agree_and_the_tokenizer_shape_is_valid(arg):
+    from configs import shapes_tokenizer, shapes_var
+    from var_jax.tokenizer.config import TokenizerConfig
+    tok, var = shapes_tokenizer.get_config(arg), shapes_var.get_config(arg)
+    assert tok.data.name == var.data.name == "shapes" and tok.data.image_size == var.data.image_size
+    assert tuple(tok.patch_nums) == tuple(var.patch_nums)
+    TokenizerConfig(**tok.tokenizer.to_dict(), patch_nums=tuple(tok.patch_nums)).validate(image_size=tok.data.image_size)
+    assert (var.model.width, var.model.heads) == (-1, -1)     # derived from depth: 64·depth, depth
