@@ -7,7 +7,8 @@ Stage 1 trains the tokenizer (`train --config configs/digits_tokenizer.py --work
 VAR transformer on its tokens (`train --config configs/digits_var.py --workdir DIR/var`), stage 3 samples
 (`sample --checkpoint DIR/var/model --num-per-class 10 --out DIR/samples`). The samples are then scored by a
 classifier of the real digits: DIR/samples/score.json holds its accuracy against the requested classes and the
-share of samples that look like real digits (in_distribution).
+share of samples that look like real digits (in_distribution), and FID, precision and recall against the held-out
+real digits in the digits feature network's space (as `eval --features digits --ref digits:test` computes them).
 
 Rerunning the same command on the same DIR resumes: finished stages are skipped, an interrupted training
 continues from its last checkpoint, finished sample batches are kept.
@@ -135,7 +136,26 @@ def score_samples(out, num_per_class: int) -> dict:
     score = classifier.score(images, labels)
     score["real_digits_accuracy"] = classifier.held_out_accuracy   # the classifier on held-out real digits
     score["num_images"] = int(len(labels))
+    score.update(digits_feature_metrics(images))
     return score
+
+
+def digits_feature_metrics(images) -> dict:
+    """FID, precision, recall (and IS, sFID) of the samples against the held-out real digits ('test' split,
+    rendered at the samples' resolution), in the digits feature network's space (`eval --features digits`)."""
+    from var_jax.eval.digits_features import NETWORK_ID, real_digits
+    from var_jax.eval.evaluate import compare, compute_feature_set, digits_network
+    from var_jax.eval.feature_metrics import NEAREST_K
+    from var_jax.eval.sources import ArrayImages
+    if len(images) <= NEAREST_K:   # k-NN manifolds need more than k samples
+        return {"fid": None, "precision": None, "recall": None, "feature_network": NETWORK_ID}
+    network = digits_network()
+    ref = compute_feature_set(ArrayImages(real_digits("test", images.shape[1]), "digits:test"), network, 1024,
+                              progress=False)
+    metrics = compare(compute_feature_set(ArrayImages(images), network, 1024, progress=False), ref)
+    return {"fid": metrics["fid"], "precision": metrics["precision"], "recall": metrics["recall"],
+            "inception_score": metrics["inception_score"], "sfid": metrics["sfid"],
+            "feature_network": NETWORK_ID, "fid_reference": f"digits:test ({ref.num_images} held-out real digits)"}
 
 
 def run(args):
