@@ -75,8 +75,11 @@ def test_frechet_distance_equals_pytorch_fid():
     fid_score = _pytorch_fid("fid_score")
     rng = np.random.default_rng()
     (m1, s1), (m2, s2) = moments(rng.standard_normal((200, 32))), moments(rng.standard_normal((150, 32)) * 1.1)
-    np.testing.assert_allclose(fm.frechet_distance(m1, s1, m2, s2),
-                               fid_score.calculate_frechet_distance(m1, s1, m2, s2), rtol=1e-10)
+    try:
+        theirs = fid_score.calculate_frechet_distance(m1, s1, m2, s2)
+    except TypeError as e:   # pytorch-fid 0.3.0 passes sqrtm(disp=False), which newer scipy no longer takes
+        pytest.skip(f"pytorch-fid's calculate_frechet_distance does not run with this scipy: {e}")
+    np.testing.assert_allclose(fm.frechet_distance(m1, s1, m2, s2), theirs, rtol=1e-10)
 
 
 def test_inception_score_known_distributions_and_adm_formula():
@@ -110,6 +113,21 @@ def test_precision_recall_against_numpy_and_constructed_manifolds():
     grid = (grid + rng.uniform(-1e-3, 1e-3, grid.shape)).astype(np.float32)
     precision, recall = fm.precision_recall(grid, grid[:100] + 1e-4)
     assert precision == 1.0 and 0.24 < recall < 0.29
+
+
+def test_precision_recall_sharded_over_devices():
+    from conftest import run_with_devices
+    out = run_with_devices("""
+import numpy as np
+from var_jax.eval import feature_metrics as fm
+from var_jax.sharding import make_mesh
+from test_eval import ref_precision_recall
+rng = np.random.default_rng(0)
+ref = rng.standard_normal((90, 6)).astype(np.float32); smp = (rng.standard_normal((70, 6)) + 0.3).astype(np.float32)
+got = fm.precision_recall(ref, smp, mesh=make_mesh(), block=20)
+print(got == ref_precision_recall(ref.astype(np.float64), smp.astype(np.float64)), got)
+""", num_devices=4, timeout=120)
+    assert out.startswith("True"), out
 
 
 # ---- the FID Inception --------------------------------------------------------------------------------------
