@@ -59,8 +59,9 @@ def build(depth: int, batch: int, mesh, *, with_tokenizer: bool, remat: str = "n
     from var_jax.tokenizer.config import TokenizerConfig
     from var_jax.tokenizer.vqvae import VQVAE
     from var_jax.train import optimizer
-    from var_jax.train.state import abstract_train_state, jit_train_step, model_parts
-    from var_jax.train.var_step import VarStepConfig, make_tokenizer_fn, make_var_train_step
+    from var_jax.checkpoints import model_parts
+    from var_jax.train.state import abstract_train_state, jit_train_step
+    from var_jax.train.var.step import VarStepConfig, make_tokenizer_fn, make_var_train_step
     from var_jax.transformer import VAR, RunSettings, preset
 
     tok_cfg = TokenizerConfig()                  # the released tokenizer's shape
@@ -101,7 +102,7 @@ def time_steps(depth: int, batch: int, steps: int) -> list[dict]:
 
     from var_jax.data.pipeline import global_batch_from_host
     from var_jax.sharding import make_mesh
-    from var_jax.train import flops
+    from var_jax.train.var import flops
     from var_jax.train.state import init_train_state
     from var_jax.transformer import VAR
 

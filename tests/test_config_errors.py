@@ -27,9 +27,9 @@ def config(tokenizer_dir):  # noqa: F811
 def no_compile(monkeypatch):
     """Every case must fail before the first compilation: make compiling itself an error."""
     # Import every stage module first: one imported while the patch is active would keep `refuse` for good.
-    import var_jax.tokenizer.training.stage as tokenizer_stage
-    import var_jax.tokenizer.training.state as tokenizer_state
-    import var_jax.train.var_stage as var_stage
+    import var_jax.train.tokenizer.stage as tokenizer_stage
+    import var_jax.train.tokenizer.state as tokenizer_state
+    import var_jax.train.var.stage as var_stage
     from var_jax.train import state
 
     def refuse(*args, **kwargs):
@@ -102,11 +102,14 @@ def test_tokenizer_checkpoint_accepts_a_training_workdir(tokenizer_dir, tmp_path
     """A tokenizer training workdir holds the run's config.json *and* the exported model in model/."""
     import json
     import shutil
-    from var_jax.train.var_stage import resolve_tokenizer_dir
+    import ml_collections
+
+    from var_jax.checkpoints import resolve_model_dir
+    from var_jax.train.stage import load_tokenizer_for
     workdir = tmp_path / "tokenizer_run"
     shutil.copytree(tokenizer_dir, workdir / "model")
     (workdir / "config.json").write_text(json.dumps({"stage": "tokenizer"}))
-    assert resolve_tokenizer_dir(str(workdir)) == workdir / "model"
-    assert resolve_tokenizer_dir(str(workdir / "model")) == workdir / "model"
+    assert str(resolve_model_dir(str(workdir))) == str(workdir / "model")
+    assert str(resolve_model_dir(str(workdir / "model"))) == str(workdir / "model")
     with pytest.raises(ConfigError, match="tokenizer_checkpoint"):
-        resolve_tokenizer_dir(str(tmp_path / "missing"))
+        load_tokenizer_for(ml_collections.ConfigDict({"tokenizer_checkpoint": str(tmp_path / "missing")}))

@@ -14,8 +14,9 @@ from var_jax.tokenizer.config import TokenizerConfig
 from var_jax.tokenizer.vqvae import VQVAE
 from var_jax.transformer import VAR, VARConfig
 from var_jax.train import optimizer
-from var_jax.train.state import abstract_train_state, init_train_state, jit_train_step, model_parts
-from var_jax.train.var_step import VarStepConfig, make_tokenizer_fn, make_var_train_step
+from var_jax.checkpoints import model_parts
+from var_jax.train.state import abstract_train_state, init_train_state, jit_train_step
+from var_jax.train.var.step import VarStepConfig, make_tokenizer_fn, make_var_train_step
 from var_jax.data.pipeline import global_batch_from_host
 
 assert jax.device_count() == 8

@@ -14,14 +14,14 @@ from flax import nnx  # noqa: E402
 from var_jax.sharding import make_mesh  # noqa: E402
 from var_jax.tokenizer import quantizer  # noqa: E402
 from var_jax.tokenizer.config import TokenizerConfig  # noqa: E402
-from var_jax.tokenizer.training import losses  # noqa: E402
-from var_jax.tokenizer.training.code_usage import restart_dead_codes  # noqa: E402
-from var_jax.tokenizer.training.discriminator import PatchDiscriminator, logit_grid_size  # noqa: E402
-from var_jax.tokenizer.training.lpips import VGG16_CONV_INDICES, LPIPS_SCALE, LPIPS_SHIFT, lpips_from_state_dicts  # noqa: E402
-from var_jax.tokenizer.training.state import (DiscriminatorConfig, TokenizerTrainModules, init_tokenizer_state,  # noqa: E402
+from var_jax.train.tokenizer import losses  # noqa: E402
+from var_jax.train.tokenizer.code_usage import restart_dead_codes  # noqa: E402
+from var_jax.train.tokenizer.discriminator import PatchDiscriminator, logit_grid_size  # noqa: E402
+from var_jax.train.tokenizer.lpips import VGG16_CONV_INDICES, LPIPS_SCALE, LPIPS_SHIFT, lpips_from_state_dicts  # noqa: E402
+from var_jax.train.tokenizer.state import (DiscriminatorConfig, TokenizerTrainModules, init_tokenizer_state,  # noqa: E402
                                               make_tokenizer_optimizer, tokenizer_state_layout, warm_start)
-from var_jax.tokenizer.training.step import TokenizerLossConfig, make_tokenizer_train_step  # noqa: E402
-from var_jax.train.state import model_parts  # noqa: E402
+from var_jax.train.tokenizer.step import TokenizerLossConfig, make_tokenizer_train_step  # noqa: E402
+from var_jax.checkpoints import model_parts  # noqa: E402
 
 TINY = TokenizerConfig(vocab_size=32, z_channels=8, ch=32, ch_mult=(1, 1, 1), num_res_blocks=1, attn_levels=(),
                        patch_nums=(1, 2, 4))
@@ -296,7 +296,7 @@ SHARDED_CODE = r'''
 import json, numpy as np, jax, jax.numpy as jnp
 from test_tokenizer_training import BATCH, IMAGE, TINY, build
 from var_jax.sharding import make_mesh
-from var_jax.tokenizer.training.step import TokenizerLossConfig, make_tokenizer_train_step
+from var_jax.train.tokenizer.step import TokenizerLossConfig, make_tokenizer_train_step
 from var_jax.train.state import jit_train_step
 
 loss_cfg = TokenizerLossConfig(restart_every=2, restart_threshold=0.5)
@@ -347,7 +347,7 @@ def test_sharded_step_matches_one_device():
 def test_stage_config_errors_name_the_field(override, field):
     import sys
     from conftest import REPO_ROOT
-    from var_jax.tokenizer.training.stage import build_tokenizer_stage
+    from var_jax.train.tokenizer.stage import build_tokenizer_stage
     from var_jax.train.stage import ConfigError
 
     sys.path.insert(0, str(REPO_ROOT))

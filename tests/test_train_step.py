@@ -12,8 +12,12 @@ import pytest
 from flax import nnx
 
 from conftest import load_fixture, state_dict
-from var_jax.train import optimizer, progressive, var_loss, var_step
-from var_jax.train.state import abstract_train_state, init_train_state, jit_train_step, model_parts
+from var_jax.train import optimizer
+from var_jax.train.var import loss as var_loss
+from var_jax.train.var import progressive
+from var_jax.train.var import step as var_step
+from var_jax.checkpoints import model_parts
+from var_jax.train.state import abstract_train_state, init_train_state, jit_train_step
 from var_jax.sharding import make_mesh
 from var_jax.transformer import VAR, VARConfig
 

@@ -16,10 +16,12 @@ import dataclasses
 import hashlib
 import json
 import uuid
-from typing import Any
+from typing import Any, Callable
 
+import jax
 import numpy as np
 from etils import epath
+from flax import nnx
 
 from var_jax.paths import atomic_write_text, user_path
 
@@ -47,16 +49,52 @@ class ModelBundle:
     var: Any = None                  # VAR, or None
 
 
+# ---- a module as (structure, parameters, buffers) -------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class ModelParts:
+    """What `nnx.merge(graphdef, params, rest)` needs beside the params."""
+    graphdef: Any
+    rest: Any                # pure dict of the non-Param variables (buffers), concrete arrays
+    param_vars: Any          # abstract nnx.State of the Params, with their logical-axis metadata
+
+    def merge(self, params):
+        return nnx.merge(self.graphdef, params, self.rest)
+
+
+def pure_dict(state) -> Any:
+    """An nnx.State as a plain nested dict (anything else unchanged)."""
+    return nnx.to_pure_dict(state) if isinstance(state, nnx.State) else state
+
+
+def split_model(model: nnx.Module):
+    """(graphdef, Param state with metadata, pure dict of every other variable)."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    return graphdef, params, pure_dict(rest)
+
+
+def model_parts(model_fn: Callable[[nnx.Rngs], nnx.Module]) -> ModelParts:
+    """Structure and buffers of the model, without allocating its params (buffers are built concretely,
+    they are small and deterministic)."""
+    abstract = nnx.eval_shape(lambda: model_fn(nnx.Rngs(0)))
+    graphdef, param_vars, _ = split_model(abstract)
+    # Buffers must be real arrays: build them outside eval_shape from a model on the CPU-sized default device
+    # only when there are any (the abstract rest tells).
+    _, _, abstract_rest = nnx.split(abstract, nnx.Param, ...)
+    rest = {}
+    if jax.tree.leaves(pure_dict(abstract_rest)):
+        rest = jax.jit(lambda: pure_dict(nnx.split(model_fn(nnx.Rngs(0)), nnx.Param, ...)[2]))()
+    return ModelParts(graphdef=graphdef, rest=rest, param_vars=param_vars)
+
+
 # ---- var-jax model directories ----------------------------------------------------------------------------
 
 def _param_dict(model) -> dict:
-    from flax import nnx
     return nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
 
 def save_model_dir(directory, tokenizer=None, var=None, *, overwrite: bool = False) -> epath.Path:
     """Write a model directory from `tokenizer=(TokenizerConfig, VQVAE)` and/or `var=(VARConfig, VAR)`."""
-    import jax
     import orbax.checkpoint as ocp
 
     if tokenizer is None and var is None:
@@ -92,7 +130,6 @@ def save_model_dir(directory, tokenizer=None, var=None, *, overwrite: bool = Fal
 
 def sync_hosts(name: str):
     """A barrier over every process of a multi-host run (nothing with one process)."""
-    import jax
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
@@ -119,6 +156,20 @@ def read_model_config(directory) -> dict:
                               f"(this var-jax reads version {FORMAT_VERSION})")
     check_parts_agree(config, path)
     return config
+
+
+def resolve_model_dir(path) -> epath.Path:
+    """A model directory, or a training workdir whose exported model is WORKDIR/model (training workdirs hold a
+    run config too, so a candidate must hold a *model* config)."""
+    root = user_path(path)
+    for candidate in (root, root / "model"):
+        try:
+            read_model_config(candidate)
+            return candidate
+        except CheckpointError:
+            continue
+    raise CheckpointError(f"{root} is neither a model directory (with {CONFIG_FILE}) nor a training workdir "
+                          f"containing model/{CONFIG_FILE}")
 
 
 def check_parts_agree(config: dict, where) -> None:
@@ -155,7 +206,6 @@ def model_fingerprint(directory) -> str:
 
 def _flat_shapes(tree) -> dict[str, tuple]:
     """'a/0/kernel' -> shape; keys stringified, as orbax stores the integer keys of module lists as strings."""
-    import jax
     return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in p): tuple(x.shape)
             for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
@@ -171,12 +221,9 @@ def _files_under(directory: epath.Path):
 
 def _restore_module(path: epath.Path, model_fn, mesh, what: str):
     """Rebuild a module from its constructor and restore its parameters, directly onto their shardings."""
-    import jax
     import orbax.checkpoint as ocp
-    from flax import nnx
 
     from var_jax.sharding import state_shardings
-    from var_jax.train.state import model_parts
 
     if not path.is_dir():
         raise CheckpointError(f"{path.parent}: config.json names a {what} but {path} is missing")

@@ -90,6 +90,7 @@ def _images(option: str, text: str, args, resolution: int | None = None):
 
 def run(args):
     from var_jax.eval import evaluate
+    from var_jax.eval.feature_metrics import IS_SPLIT_SIZE
     from var_jax.eval.sources import SourceError
     from var_jax.sharding import data_parallel_size, make_mesh
 
@@ -124,14 +125,13 @@ def run(args):
         if samples is None:
             return 0
         smp = evaluate.compute_feature_set(samples, network, args.batch_size, desc="samples")
-    except (SourceError, evaluate.StatsFileError, ValueError) as e:
-        if isinstance(e, CommandError):
-            raise
+        metrics = evaluate.compare(smp, ref, mesh=mesh)
+    except (SourceError, evaluate.StatsFileError, ValueError) as e:   # e.g. too few images for k-NN radii
         raise CommandError(_one_line(e)) from None
 
-    metrics = evaluate.compare(smp, ref, mesh=mesh)
     result = {**metrics, "num_samples": smp.num_images, "num_ref": ref.num_images,
-              "inception_score_splits": smp.is_splits, "features": network.kind, "network": network.network_id,
+              "inception_score_splits": smp.is_splits, "inception_score_split_size": IS_SPLIT_SIZE,
+              "features": network.kind, "network": network.network_id,
               "weights": str(user_path(args.inception)) if args.inception else None,
               "weights_sha256": network.sha256, "samples": str(user_path(args.samples)), "ref": args.ref
               if ref_path is None else str(ref_path)}

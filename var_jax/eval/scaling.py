@@ -9,7 +9,7 @@ run counts once it has exported WORKDIR/model/config.json. Per run:
   the token-latent input projection `word_embed`, the class table `class_emb`, the position tables `pos_start`
   and `pos_1LC`, and the scale table `lvl_embed`; everything else counts (blocks, their AdaLN, the head's
   AdaLN and the output head). `params_total` is every parameter.
-- flops (C): training compute, var_jax.train.flops.var_train_flops_per_example (matmuls, forward + backward,
+- flops (C): training compute, var_jax.train.var.flops.var_train_flops_per_example (matmuls, forward + backward,
   tokenizer excluded) × batch_size (WORKDIR/config.json) × the last logged step (metrics.jsonl).
 - val_loss / val_loss_last / val_err / val_err_last: the last logged `val/loss`, `val/loss_last`, `val/acc`,
   `val/acc_last` (held-out evaluation; accuracies in %, as the training metrics log them; error = 1 - acc/100).
@@ -163,7 +163,7 @@ def final_metrics(records: list[dict]) -> tuple[dict, str]:
 def collect_run(run_dir) -> dict:
     """One point of scaling.json from a finished training workdir."""
     from var_jax.checkpoints import read_model_config
-    from var_jax.train.flops import var_train_flops_per_example
+    from var_jax.train.var.flops import var_train_flops_per_example
     from var_jax.transformer import VARConfig
 
     run_dir = user_path(run_dir)

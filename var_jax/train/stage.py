@@ -14,6 +14,9 @@ from typing import Any, Callable
 
 import jax
 
+from var_jax.checkpoints import CheckpointError, load_model_dir, model_parts, resolve_model_dir, split_model
+from var_jax.tokenizer.vqvae import VQVAE
+
 
 class ConfigError(ValueError):
     """A configuration value that cannot work; the message names the field."""
@@ -59,3 +62,36 @@ def check_batch_divides(batch_size: int, mesh):
                           f"mesh {tuple(mesh.shape.values())} (data × fsdp)")
     if batch_size % jax.process_count():
         raise ConfigError(f"batch_size: {batch_size} is not divisible by the {jax.process_count()} processes")
+
+
+def load_tokenizer_for(config, mesh=None):
+    """(TokenizerConfig, VQVAE) from `config.tokenizer_checkpoint` (a model directory or a tokenizer training
+    workdir), with the run's patch_nums: a new module holding the loaded parameters (the loaded one is left as
+    it was; buffers such as the Phi tables are rebuilt for the run's scales)."""
+    path = config.get("tokenizer_checkpoint")
+    if not path:
+        raise ConfigError("tokenizer_checkpoint: required (a model directory from `var-jax convert`, or a "
+                          "tokenizer training workdir)")
+    try:
+        bundle = load_model_dir(resolve_model_dir(path), mesh=mesh)
+    except CheckpointError as e:
+        raise ConfigError(f"tokenizer_checkpoint: {e}") from None
+    if bundle.tokenizer is None:
+        raise ConfigError(f"tokenizer_checkpoint: {path} holds no tokenizer")
+    cfg = tokenizer_config_for(bundle.tokenizer_config, config)
+    _, params, _ = split_model(bundle.tokenizer)
+    tokenizer = model_parts(lambda rngs: VQVAE(cfg, rngs=rngs)).merge(params)
+    tokenizer.eval()
+    return cfg, tokenizer
+
+
+def tokenizer_config_for(tok_cfg, config):
+    """A new tokenizer config with the run's patch_nums, checked against the image size."""
+    try:
+        cfg = dataclasses.replace(tok_cfg, patch_nums=tuple(int(p) for p in config.patch_nums))
+        if cfg.num_phi != tok_cfg.num_phi:
+            raise ValueError(f"a tokenizer with one Phi per scale (share_quant_resi=0) was trained with "
+                             f"{tok_cfg.num_scales} scales, not {cfg.num_scales}")
+        return cfg.validate(image_size=int(config.data.image_size))
+    except ValueError as e:
+        raise ConfigError(f"patch_nums: {e}") from None

@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from var_jax.checkpoints import ModelParts, pure_dict, split_model
 from var_jax.sharding import replicated, state_shardings
 
 
@@ -71,41 +72,6 @@ def finish_step(old, new, loss, grad_norm, batch) -> tuple[Any, dict]:
     return kept.replace(step=old.step + 1, counters=counters), dict(counters)
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelParts:
-    """What `nnx.merge(graphdef, params, rest)` needs beside the params."""
-    graphdef: Any
-    rest: Any                # pure dict of the non-Param variables (buffers), concrete arrays
-    param_vars: Any          # abstract nnx.State of the Params, with their logical-axis metadata
-
-    def merge(self, params):
-        return nnx.merge(self.graphdef, params, self.rest)
-
-
-def _pure(state) -> Any:
-    return nnx.to_pure_dict(state) if isinstance(state, nnx.State) else state
-
-
-def split_model(model: nnx.Module):
-    """(graphdef, Param state with metadata, pure dict of every other variable)."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    return graphdef, params, _pure(rest)
-
-
-def model_parts(model_fn: Callable[[nnx.Rngs], nnx.Module]) -> ModelParts:
-    """Structure and buffers of the model, without allocating its params (buffers are built concretely,
-    they are small and deterministic)."""
-    abstract = nnx.eval_shape(lambda: model_fn(nnx.Rngs(0)))
-    graphdef, param_vars, _ = split_model(abstract)
-    # Buffers must be real arrays: build them outside eval_shape from a model on the CPU-sized default device
-    # only when there are any (the abstract rest tells).
-    _, _, abstract_rest = nnx.split(abstract, nnx.Param, ...)
-    rest = {}
-    if jax.tree.leaves(_pure(abstract_rest)):
-        rest = jax.jit(lambda: _pure(nnx.split(model_fn(nnx.Rngs(0)), nnx.Param, ...)[2]))()
-    return ModelParts(graphdef=graphdef, rest=rest, param_vars=param_vars)
-
-
 def mirror_shardings(tree, params_like, param_shardings, fallback: NamedSharding):
     """Shardings for an optimizer state: every subtree with the structure of the params takes the params'
     shardings (Adam's mu and nu), everything else (counts, injected hyper-parameters) is replicated."""
@@ -127,8 +93,8 @@ class StateLayout:
 
 
 def abstract_train_state(parts: ModelParts, tx: optax.GradientTransformation, mesh: Mesh) -> StateLayout:
-    param_shardings = _pure(state_shardings(parts.param_vars, mesh))
-    abstract_params = _pure(parts.param_vars)
+    param_shardings = pure_dict(state_shardings(parts.param_vars, mesh))
+    abstract_params = pure_dict(parts.param_vars)
     abstract_opt = jax.eval_shape(tx.init, abstract_params)
     rep = replicated(mesh)
     shardings = TrainState(step=rep, params=param_shardings,
@@ -147,7 +113,7 @@ def init_train_state(model_fn: Callable[[nnx.Rngs], nnx.Module], tx: optax.Gradi
     def init(key):
         param_key, step_key = jax.random.split(key)
         _, params, _ = split_model(model_fn(nnx.Rngs(param_key)))
-        params = _pure(params)
+        params = pure_dict(params)
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=step_key,
                           counters=zero_counters())
 

@@ -15,7 +15,6 @@ step it has just dispatched.
 """
 from __future__ import annotations
 
-import importlib
 import signal
 
 import jax
@@ -23,12 +22,11 @@ import numpy as np
 
 from var_jax.paths import atomic_write_text, user_path
 from var_jax.train.stage import ConfigError, NonFiniteError, Stage, check_positive
+from var_jax.train.tokenizer.stage import build_tokenizer_stage
+from var_jax.train.var.stage import build_var_stage
 
 # config.stage -> "module:function" building the Stage (config, mesh, dataset_classes) -> Stage.
-STAGE_BUILDERS = {
-    "var": "var_jax.train.var_stage:build_var_stage",
-    "tokenizer": "var_jax.tokenizer.training.stage:build_tokenizer_stage",
-}
+STAGE_BUILDERS = {"var": build_var_stage, "tokenizer": build_tokenizer_stage}
 MODEL_DIR = "model"
 
 
@@ -67,12 +65,7 @@ def build_data(config):
 
 
 def build_stage(config, mesh, num_classes) -> Stage:
-    module_name, _, fn_name = STAGE_BUILDERS[config.stage].partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        raise ConfigError(f"stage: {config.stage!r} is not available in this build ({e})") from None
-    return getattr(module, fn_name)(config, mesh, num_classes)
+    return STAGE_BUILDERS[config.stage](config, mesh, num_classes)
 
 
 class _Preemption:

@@ -7,47 +7,18 @@ import jax
 import numpy as np
 from flax import nnx
 
-from var_jax.paths import user_path
+from var_jax.checkpoints import model_parts, save_model_dir
 from var_jax.sharding import replicated, state_shardings
-from var_jax.train import flops, optimizer
-from var_jax.train.progressive import progressive_from_config
-from var_jax.train.stage import ConfigError, Stage, check_batch_divides
-from var_jax.train.state import abstract_train_state, init_train_state, jit_train_step, model_parts
-from var_jax.train.var_loss import token_weights
-from var_jax.train.var_step import VarStepConfig, make_tokenizer_fn, make_var_train_step
+from var_jax.train import optimizer
+from var_jax.train.var import flops
+from var_jax.train.var.progressive import progressive_from_config
+from var_jax.train.stage import ConfigError, Stage, check_batch_divides, load_tokenizer_for
+from var_jax.train.state import abstract_train_state, init_train_state, jit_train_step
+from var_jax.train.var.loss import token_weights
+from var_jax.train.var.step import VarStepConfig, make_tokenizer_fn, make_var_train_step
 
 # VARConfig fields that the config's `model` section may set; -1 means "derive" (see configs/common.py).
 _DERIVED = ("width", "heads", "num_classes", "drop_path_rate", "init_adaln_gamma")
-
-
-def resolve_tokenizer_dir(path: str):
-    """A model directory, or a tokenizer training workdir whose exported model is WORKDIR/model."""
-    from var_jax.checkpoints import CONFIG_FILE, CheckpointError, read_model_config
-    if not path:
-        raise ConfigError("tokenizer_checkpoint: required for the var stage (a model directory from "
-                          "`var-jax convert`, or a tokenizer training workdir)")
-    root = user_path(path)
-    # A training workdir has a config.json too (the run's config), so a candidate must hold a *model* config.
-    for candidate in (root, root / "model"):
-        try:
-            read_model_config(candidate)
-            return candidate
-        except CheckpointError:
-            continue
-    raise ConfigError(f"tokenizer_checkpoint: {path} is neither a model directory (with {CONFIG_FILE}) nor a "
-                      f"training workdir containing model/{CONFIG_FILE}")
-
-
-def tokenizer_config_for(tok_cfg, config):
-    """The tokenizer's config with the run's patch_nums, checked against the image size."""
-    try:
-        cfg = dataclasses.replace(tok_cfg, patch_nums=tuple(int(p) for p in config.patch_nums))
-        if cfg.num_phi != tok_cfg.num_phi:
-            raise ValueError(f"a tokenizer with one Phi per scale (share_quant_resi=0) was trained with "
-                             f"{tok_cfg.num_scales} scales, not {cfg.num_scales}")
-        return cfg.validate(image_size=int(config.data.image_size))
-    except ValueError as e:
-        raise ConfigError(f"patch_nums: {e}") from None
 
 
 def run_settings_from(config):
@@ -86,16 +57,11 @@ def var_config_from(config, tok_cfg, dataset_classes: int):
 
 
 def build_var_stage(config, mesh, dataset_classes: int) -> Stage:
-    from var_jax.checkpoints import load_model_dir, save_model_dir
     from var_jax.data.pipeline import global_batch_from_host
     from var_jax.transformer import VAR
 
     check_batch_divides(int(config.batch_size), mesh)
-    bundle = load_model_dir(resolve_tokenizer_dir(config.tokenizer_checkpoint), mesh=mesh)
-    if bundle.tokenizer is None:
-        raise ConfigError(f"tokenizer_checkpoint: {config.tokenizer_checkpoint} holds no tokenizer")
-    tok_cfg = tokenizer_config_for(bundle.tokenizer_config, config)
-    bundle.tokenizer.cfg = tok_cfg          # the run's patch_nums (same parameters; checked above)
+    tok_cfg, tokenizer = load_tokenizer_for(config, mesh)
     var_cfg = var_config_from(config, tok_cfg, dataset_classes)
     step_cfg = VarStepConfig(patch_nums=var_cfg.patch_nums, label_smoothing=float(config.loss.label_smoothing),
                              scale_weights=tuple(config.loss.scale_weights) or None)
@@ -116,9 +82,9 @@ def build_var_stage(config, mesh, dataset_classes: int) -> Stage:
                                   total_steps=int(config.total_steps), mask=optimizer.decay_mask(parts.param_vars))
     layout = abstract_train_state(parts, tx, mesh)
 
-    tok_graphdef, tok_state = nnx.split(bundle.tokenizer)
+    tok_graphdef, tok_state = nnx.split(tokenizer)
     tok_state = nnx.to_pure_dict(tok_state)
-    tok_shardings = nnx.to_pure_dict(state_shardings(nnx.split(bundle.tokenizer)[1], mesh))
+    tok_shardings = nnx.to_pure_dict(state_shardings(nnx.split(tokenizer)[1], mesh))
     tokenize = make_tokenizer_fn(tok_graphdef, tok_cfg)
     image_size = int(config.data.image_size)
     batch_example = {"image": jax.ShapeDtypeStruct((int(config.batch_size), image_size, image_size, 3), np.float32),
@@ -149,10 +115,10 @@ def build_var_stage(config, mesh, dataset_classes: int) -> Stage:
         return batch
 
     def export(state, directory):
-        save_model_dir(directory, tokenizer=(tok_cfg, bundle.tokenizer),
+        save_model_dir(directory, tokenizer=(tok_cfg, tokenizer),
                        var=(var_cfg, parts.merge(state.params)), overwrite=True)
 
-    sample_fn = _make_sampler(config, parts, var_cfg, bundle.tokenizer, tok_cfg)
+    sample_fn = _make_sampler(config, parts, var_cfg, tokenizer, tok_cfg)
     return Stage(
         name="var", layout=layout, init=lambda: init_train_state(model_fn, tx, layout, mesh, int(config.seed)),
         step_fn=step_fn, make_batch=make_batch, frozen=tok_state, export=export,

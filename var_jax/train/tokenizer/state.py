@@ -18,11 +18,11 @@ from jax.sharding import Mesh
 
 from var_jax.sharding import replicated
 from var_jax.tokenizer.config import TokenizerConfig
-from var_jax.tokenizer.training.discriminator import PatchDiscriminator
+from var_jax.train.tokenizer.discriminator import PatchDiscriminator
 from var_jax.tokenizer.vqvae import VQVAE
 from var_jax.train.optimizer import decay_mask, make_optimizer
-from var_jax.train.state import (ModelParts, StateLayout, TrainState, abstract_train_state, init_train_state,
-                                 split_model)
+from var_jax.checkpoints import ModelParts, split_model
+from var_jax.train.state import StateLayout, TrainState, abstract_train_state, init_train_state
 
 
 @dataclasses.dataclass(frozen=True)

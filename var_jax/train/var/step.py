@@ -20,10 +20,11 @@ import optax
 from flax import nnx
 
 from var_jax.scale_config import scale_begin_ends
-from var_jax.train import var_loss
+from var_jax.train.var import loss as var_loss
 from var_jax.train.optimizer import current_hyperparams
-from var_jax.train.progressive import truncated_weights
-from var_jax.train.state import ModelParts, TrainState, finish_step
+from var_jax.train.var.progressive import truncated_weights
+from var_jax.checkpoints import ModelParts
+from var_jax.train.state import TrainState, finish_step
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,13 +20,14 @@ from flax import nnx
 
 from var_jax.sharding import state_shardings
 from var_jax.tokenizer.config import TokenizerConfig
-from var_jax.tokenizer.training.discriminator import logit_grid_size
-from var_jax.tokenizer.training.state import (DiscriminatorConfig, TokenizerTrainModules, init_tokenizer_state,
+from var_jax.train.tokenizer.discriminator import logit_grid_size
+from var_jax.train.tokenizer.state import (DiscriminatorConfig, TokenizerTrainModules, init_tokenizer_state,
                                               make_tokenizer_optimizer, tokenizer_state_layout, warm_start)
-from var_jax.tokenizer.training.step import TokenizerLossConfig, make_tokenizer_train_step
+from var_jax.train.tokenizer.step import TokenizerLossConfig, make_tokenizer_train_step
 from var_jax.train import optimizer
 from var_jax.train.stage import ConfigError, Stage, check_batch_divides
-from var_jax.train.state import jit_train_step, model_parts, param_count
+from var_jax.checkpoints import model_parts
+from var_jax.train.state import jit_train_step, param_count
 
 
 def _section(config, name: str, cls):
@@ -40,12 +41,7 @@ def tokenizer_config_from(config):
     """(TokenizerConfig, loaded VQVAE or None): from the warm-start checkpoint if given, else the config."""
     image_size = int(config.data.image_size)
     if config.get("tokenizer_checkpoint"):
-        from var_jax.checkpoints import load_model_dir
-        from var_jax.train.var_stage import resolve_tokenizer_dir, tokenizer_config_for
-        bundle = load_model_dir(resolve_tokenizer_dir(config.tokenizer_checkpoint))
-        if bundle.tokenizer is None:
-            raise ConfigError(f"tokenizer_checkpoint: {config.tokenizer_checkpoint} holds no tokenizer")
-        return tokenizer_config_for(bundle.tokenizer_config, config), bundle.tokenizer
+        return load_tokenizer_for(config)
     fields = {**dict(config.tokenizer), "patch_nums": tuple(int(p) for p in config.patch_nums)}
     try:
         return TokenizerConfig(**fields).validate(image_size=image_size), None
@@ -57,7 +53,7 @@ def _lpips(config, loss_cfg, mesh):
     """(merge fn, frozen params, their shardings), or Nones when LPIPS is off."""
     if not loss_cfg.use_lpips:
         return None, None, None
-    from var_jax.tokenizer.training.lpips import load_lpips
+    from var_jax.train.tokenizer.lpips import load_lpips
     for field in ("vgg_path", "lin_path"):
         if not config.lpips.get(field):
             raise ConfigError(f"lpips.{field}: required when loss.lpips_weight > 0 (LPIPS weights are never "

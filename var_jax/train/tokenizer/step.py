@@ -24,9 +24,9 @@ import optax
 
 from var_jax.tokenizer import quantizer
 from var_jax.tokenizer.config import TokenizerConfig
-from var_jax.tokenizer.training import losses
-from var_jax.tokenizer.training.code_usage import restart_dead_codes
-from var_jax.tokenizer.training.state import TokenizerTrainState, get_path, replace_path
+from var_jax.train.tokenizer import losses
+from var_jax.train.tokenizer.code_usage import restart_dead_codes
+from var_jax.train.tokenizer.state import TokenizerTrainState, get_path, replace_path
 from var_jax.train.optimizer import current_hyperparams
 from var_jax.train.state import finish_step
 
