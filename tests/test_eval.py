@@ -7,7 +7,6 @@ import types
 
 import numpy as np
 import pytest
-from scipy import linalg
 
 from var_jax.eval import feature_metrics as fm
 
@@ -382,6 +381,14 @@ def test_eval_command_inception_and_stats_round_trip(weights, tmp_path, capsys, 
         assert np.isfinite(metrics[key]), key
     assert metrics["num_samples"] == 6 and metrics["num_ref"] == 5 and metrics["inception_score_splits"] == 1
     assert metrics["weights_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+
+    # statistics of another network are refused in one line
+    digits_stats = tmp_path / "digits_stats.npz"
+    assert run_eval(["--features", "digits", "--ref", "digits:test", "--save-stats", str(digits_stats)], capsys)[0] == 0
+    with pytest.raises(SystemExit):
+        run_eval(["--samples", str(samples), "--ref", str(digits_stats), "--inception", str(path)], capsys)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "statistics of digits features" in err
 
     code, _ = run_eval(["--samples", str(samples), "--ref", str(tmp_path / "stats.npz"), "--inception", str(path),
                         "--batch-size", str(BATCH), "--out", str(tmp_path / "m2.json")], capsys)
