@@ -156,7 +156,9 @@ def run(args):
         fingerprint = model_fingerprint(args.checkpoint)
     except (CheckpointError, OSError) as e:
         raise CommandError(str(e)) from None
-    run_config = {"model_sha256": fingerprint, "seed": args.seed,
+    run_settings = run_settings_from_args(args)
+    # the compute dtype changes the images (bfloat16 vs float32 logits), so a resumed run must keep it
+    run_config = {"model_sha256": fingerprint, "compute_dtype": run_settings.compute_dtype, "seed": args.seed,
                   "batch_size": args.batch_size, "cfg": args.cfg, "cfg_schedule": args.cfg_schedule,
                   "top_k": args.top_k, "top_p": args.top_p, "more_smooth": args.more_smooth,
                   "labels_sha1": hashlib.sha1(labels.tobytes()).hexdigest(), "num_images": int(len(labels))}
@@ -169,7 +171,7 @@ def run(args):
 
     if todo:
         try:
-            bundle = load_model_dir(args.checkpoint, mesh=mesh, run_settings=run_settings_from_args(args))
+            bundle = load_model_dir(args.checkpoint, mesh=mesh, run_settings=run_settings)
         except (CheckpointError, OSError) as e:
             raise CommandError(str(e)) from None
         sampler = Sampler(bundle, options, mesh)
