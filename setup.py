@@ -32,7 +32,11 @@ setup(
     extras_require={
         # torch reads reference .pth checkpoints (weights_only=True)
         "convert": ["torch>=2.13.0"],
-        "test": ["pytest>=9.0.3", "torch>=2.13.0"],
+        # `var-jax scaling` draws its plots with matplotlib
+        "plots": ["matplotlib>=3.11.2"],
+        # pytorch-fid is left out: it pulls torchvision, which fails to import beside the CPU torch here; the
+        # Inception-vs-pytorch-fid test skips without it (pip install --no-deps pytorch-fid to run it)
+        "test": ["pytest>=9.0.3", "torch>=2.13.0", "matplotlib>=3.11.2"],
     },
     entry_points={"console_scripts": ["var-jax=var_jax.cli:main"]},
 )
