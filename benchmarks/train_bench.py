@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO_ROOT))
 
 
 def optim_config():
-    from configs.common import optim_config as reference
+    from var_jax.train.config_base import optim_config as reference
     return reference(warmup_steps=1)
 
 

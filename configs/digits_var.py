@@ -7,12 +7,12 @@
 
 The tokenizer (stage 1) must have the same patch_nums, ending at image_size / its downsampling factor.
 """
-from configs import common
+from var_jax.train import config_base
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, depth=4, width=128, batch=32, steps=1500, image_size=32)
-    config = common.base_config("var")
+    arg = config_base.parse_arg(arg, depth=4, width=128, batch=32, steps=1500, image_size=32)
+    config = config_base.base_config("var")
     config.total_steps = arg.steps
     config.batch_size = arg.batch
     config.log_every = 20
@@ -20,10 +20,10 @@ def get_config(arg=None):
     config.sample_every = 1000
     config.patch_nums = (1, 2, 3, 4)           # the digits tokenizer's 4x4 latent: L = 30 tokens
     config.tokenizer_checkpoint = "workdirs/digits_tokenizer"
-    config.data = common.data_config(name="digits", image_size=arg.image_size)
+    config.data = config_base.data_config(name="digits", image_size=arg.image_size)
     # small model: width and heads set explicitly (the depth->width rule gives 256 at depth 4)
-    config.model = common.var_model_config(arg.depth, width=arg.width, heads=max(arg.width // 64, 1),
-                                           drop_path_rate=0.0, init_adaln_gamma=1e-3)
+    config.model = config_base.var_model_config(arg.depth, width=arg.width, heads=max(arg.width // 64, 1),
+                                                drop_path_rate=0.0, init_adaln_gamma=1e-3)
     # lr = tblr * batch / 256 = 1e-3 at batch 32: a tiny model trained for minutes takes a high rate
-    config.optim = common.optim_config(tblr=8e-3, warmup_fraction=0.05)
+    config.optim = config_base.optim_config(tblr=8e-3, warmup_fraction=0.05)
     return config

@@ -6,7 +6,7 @@
 ARG keys: depth (16, 20, 24, 30), batch (global; default the recipe's), epochs (default the recipe's),
 data_path (an ImageFolder root; or set --config.data.name=tfds --config.data.tfds_name=imagenet2012).
 """
-from configs import common
+from var_jax.train import config_base
 from var_jax.scale_config import PATCH_NUMS_256
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
@@ -21,14 +21,14 @@ RECIPES = {
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, depth=16, batch=-1, epochs=-1, data_path="")
+    arg = config_base.parse_arg(arg, depth=16, batch=-1, epochs=-1, data_path="")
     if arg.depth not in RECIPES:
         raise ValueError(f"imagenet_var: depth must be one of {sorted(RECIPES)}, got {arg.depth}")
     batch, epochs, tblr, wpe, twde, alng = RECIPES[arg.depth]
     batch = batch if arg.batch <= 0 else arg.batch
     epochs = epochs if arg.epochs <= 0 else arg.epochs
 
-    config = common.base_config("var")
+    config = config_base.base_config("var")
     config.batch_size = batch
     config.total_steps = epochs * (IMAGENET_TRAIN_IMAGES // batch)
     config.log_every = 100
@@ -37,7 +37,7 @@ def get_config(arg=None):
     config.mesh = (1, -1, 1)    # FSDP over every device: d30 (2B params + Adam) does not fit replicated
     config.tokenizer_checkpoint = ""
     config.patch_nums = PATCH_NUMS_256
-    config.data = common.data_config(name="folder", path=arg.data_path, image_size=256, worker_count=8)
-    config.model = common.var_model_config(arg.depth, init_adaln_gamma=alng, remat="block")
-    config.optim = common.optim_config(tblr=tblr, wpe=wpe, wd=0.05, wd_end=twde, warmup_fraction=1 / 50)
+    config.data = config_base.data_config(name="folder", path=arg.data_path, image_size=256, worker_count=8)
+    config.model = config_base.var_model_config(arg.depth, init_adaln_gamma=alng, remat="block")
+    config.optim = config_base.optim_config(tblr=tblr, wpe=wpe, wd=0.05, wd_end=twde, warmup_fraction=1 / 50)
     return config

@@ -10,24 +10,23 @@ i.e. derived), so `depth` alone picks a member of the family; `latent` and `imag
 tokenizer's (configs/shapes_tokenizer.py). The data never repeats within a run, and the held-out split ('val',
 never trained on) is what a held-out evaluation should read.
 """
-from configs import common
-from configs import shapes_tokenizer
+from var_jax.train import config_base
 
 # lr = tblr · batch / 256 (the reference has no depth rule): 4e-4 at batch 32 for minutes-long CPU runs
 TBLR = 3.2e-3
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, depth=2, batch=32, steps=1000, image_size=32, latent=4, tblr=TBLR)
-    config = common.base_config("var")
+    arg = config_base.parse_arg(arg, depth=2, batch=32, steps=1000, image_size=32, latent=4, tblr=TBLR)
+    config = config_base.base_config("var")
     config.total_steps = arg.steps
     config.batch_size = arg.batch
     config.log_every = 20
     config.checkpoint_every = 500
     config.sample_every = 0                    # sweeps compare losses; sample from the exported model instead
-    config.patch_nums = shapes_tokenizer.patch_nums(arg.latent)
+    config.patch_nums = config_base.small_patch_nums(arg.latent)
     config.tokenizer_checkpoint = "workdirs/shapes_tokenizer"
-    config.data = common.data_config(name="shapes", image_size=arg.image_size, split="train")
-    config.model = common.var_model_config(arg.depth, drop_path_rate=0.0, init_adaln_gamma=1e-3)
-    config.optim = common.optim_config(tblr=arg.tblr, warmup_fraction=0.05)
+    config.data = config_base.data_config(name="shapes", image_size=arg.image_size, split="train")
+    config.model = config_base.var_model_config(arg.depth, drop_path_rate=0.0, init_adaln_gamma=1e-3)
+    config.optim = config_base.optim_config(tblr=arg.tblr, warmup_fraction=0.05)
     return config

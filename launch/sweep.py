@@ -34,7 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))   # so that a checkout that is not pip-installed still imports var_jax
 
 from var_jax.cli import CommandError, parse_int_list  # noqa: E402
-from var_jax.cli.train import split_overrides  # noqa: E402
+from var_jax.cli.train import config_overrides  # noqa: E402
 
 REFERENCE_WIDTH_PER_DEPTH = 64      # VAR: C = 64·depth, heads = depth
 SLURM_LAUNCHER = REPO_ROOT / "launch" / "slurm_gpu.sh"
@@ -59,9 +59,11 @@ def parse_args(argv):
     launcher.add_argument("--slurm", action="store_true", help="write a SLURM job array script instead of running")
     launcher.add_argument("--tpu-pod", action="store_true", help="run each depth through launch/tpu_pod.sh")
     parser.add_argument("--dry-run", action="store_true", help="print what would run; run and write nothing")
-    overrides, rest = split_overrides(list(argv))
-    args = parser.parse_args(rest)
-    args.overrides = overrides
+    args, extra = parser.parse_known_args(list(argv))
+    try:
+        args.overrides = config_overrides(extra)
+    except CommandError as e:
+        parser.error(str(e))
     return args
 
 

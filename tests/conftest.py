@@ -56,3 +56,9 @@ def run_with_devices(code: str, num_devices: int = 8, timeout: int = 900) -> str
     if proc.returncode != 0:
         raise AssertionError(f"subprocess failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc.stdout
+
+
+def repo_config(spec: str):
+    """configs/SPEC ('digits_var.py:depth=2') loaded the way `var-jax train --config` loads it."""
+    from var_jax.cli.train import load_config
+    return load_config(str(REPO_ROOT / "configs" / spec))

@@ -5,18 +5,15 @@ import sys
 import jax
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, repo_config
 from test_resume import tokenizer_dir  # noqa: F401  (module-scoped fixture: a tiny tokenizer model dir)
 from var_jax.train import trainer
 from var_jax.train.stage import ConfigError, check_batch_divides
 
-sys.path.insert(0, str(REPO_ROOT))
-from configs import digits_var  # noqa: E402
-
 
 @pytest.fixture
 def config(tokenizer_dir):  # noqa: F811
-    cfg = digits_var.get_config("depth=2,width=64,batch=8,steps=2,image_size=16")
+    cfg = repo_config("digits_var.py:depth=2,width=64,batch=8,steps=2,image_size=16")
     cfg.tokenizer_checkpoint = str(tokenizer_dir)
     cfg.patch_nums = (1, 2, 3, 4)
     cfg.sample_every = 0
@@ -113,3 +110,28 @@ def test_tokenizer_checkpoint_accepts_a_training_workdir(tokenizer_dir, tmp_path
     assert str(resolve_model_dir(str(workdir / "model"))) == str(workdir / "model")
     with pytest.raises(ConfigError, match="tokenizer_checkpoint"):
         load_tokenizer_for(ml_collections.ConfigDict({"tokenizer_checkpoint": str(tmp_path / "missing")}))
+
+
+def test_cli_config_loads_from_another_directory_and_takes_one_mesh_syntax(tmp_path):
+    """Config files import only the package (no sys.path edits): they load by path from any directory; the
+    mesh is written as `--mesh` is on every other command, with or without parentheses."""
+    env = {k: v for k, v in __import__("os").environ.items() if k != "PYTHONPATH"}
+    for mesh in ("2,2,1", "(2,2,1)"):
+        proc = subprocess.run([sys.executable, "-m", "var_jax", "train", "--config",
+                               str(REPO_ROOT / "configs" / "shapes_var.py:depth=3"), "--workdir", str(tmp_path),
+                               f"--config.mesh={mesh}", "--print_config"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300, env=env)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "mesh: !!python/tuple\n- 2\n- 2\n- 1\n" in proc.stdout and "depth: 3" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "var_jax", "train", "--config", "configs/digits_var.py",
+                           "--workdir", str(tmp_path), "--bogus", "1"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2 and "unrecognized argument --bogus" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_one_mesh_parser():
+    from var_jax.cli import CommandError, parse_mesh
+    assert parse_mesh("2,2,2") == parse_mesh("(2,2,2)") == parse_mesh("[2, 2, 2]") == (2, 2, 2)
+    assert parse_mesh("-1,1,1") == (-1, 1, 1)
+    with pytest.raises(CommandError, match="--mesh must be comma-separated integers"):
+        parse_mesh("2x2")

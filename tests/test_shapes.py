@@ -85,9 +85,9 @@ def test_shapes_classifier_recognises_held_out_shapes_and_rejects_noise():
 
 @pytest.mark.parametrize("arg", ["", "latent=8", "image_size=64,latent=8"])
 def test_shapes_configs_agree_and_the_tokenizer_shape_is_valid(arg):
-    from configs import shapes_tokenizer, shapes_var
+    from conftest import repo_config
     from var_jax.tokenizer.config import TokenizerConfig
-    tok, var = shapes_tokenizer.get_config(arg), shapes_var.get_config(arg)
+    tok, var = repo_config(f"shapes_tokenizer.py:{arg}"), repo_config(f"shapes_var.py:{arg}")
     assert tok.data.name == var.data.name == "shapes" and tok.data.image_size == var.data.image_size
     assert tuple(tok.patch_nums) == tuple(var.patch_nums)
     TokenizerConfig(**tok.tokenizer.to_dict(), patch_nums=tuple(tok.patch_nums)).validate(image_size=tok.data.image_size)

@@ -345,15 +345,11 @@ def test_sharded_step_matches_one_device():
     ({"tokenizer_checkpoint": "/nonexistent/tokenizer"}, "tokenizer_checkpoint"),
 ])
 def test_stage_config_errors_name_the_field(override, field):
-    import sys
-    from conftest import REPO_ROOT
+    from conftest import repo_config
     from var_jax.train.tokenizer.stage import build_tokenizer_stage
     from var_jax.train.stage import ConfigError
 
-    sys.path.insert(0, str(REPO_ROOT))
-    from configs import digits_tokenizer
-
-    config = digits_tokenizer.get_config("batch=8,steps=2")
+    config = repo_config("digits_tokenizer.py:batch=8,steps=2")
     for key, value in override.items():
         section, _, name = key.rpartition(".")
         (config[section] if section else config)[name] = value

@@ -1,6 +1,7 @@
 """`python -m var_jax <command>` / `var-jax <command>`.
 
-Each command lives in its own module of this package, exposing `add_arguments(parser)` and `run(args)`.
+Each command lives in its own module of this package, exposing `add_arguments(parser)` and `run(args)`, and
+`take_extra_arguments(args, extra)` if it accepts arguments argparse cannot declare (train's `--config.KEY`).
 Modules are imported only when their command runs, so `--help` is quick and one command's heavy imports
 never slow another.
 """
@@ -36,11 +37,22 @@ def parse_int_list(text: str, what: str) -> tuple[int, ...]:
     return values
 
 
+def parse_mesh(text: str, what: str = "--mesh") -> tuple[int, ...]:
+    """'2,2,2' or '(2,2,2)' -> (2, 2, 2): the one mesh syntax of every command (train's --config.mesh too)."""
+    return parse_int_list(text.strip().strip("()[]"), what)
+
+
+def add_mesh_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mesh", default="-1,1,1",
+                        help="device mesh sizes data,fsdp,tensor, e.g. 2,2,2 or (2,2,2); -1 = all remaining devices "
+                             "(default -1,1,1)")
+
+
 def batch_mesh(mesh_text: str, batch_size: int):
     """The device mesh of a --mesh option, with --batch-size checked to split evenly over its data axes."""
     from var_jax.sharding import data_parallel_size, make_mesh
     try:
-        mesh = make_mesh(parse_int_list(mesh_text, "--mesh"))
+        mesh = make_mesh(parse_mesh(mesh_text))
     except ValueError as e:
         raise CommandError(f"--mesh: {e}") from None
     dp = data_parallel_size(mesh)
@@ -109,15 +121,20 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         cmd = sub.add_parser(name, help=help_text, description=module.__doc__,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(cmd)
-        cmd.set_defaults(_run=module.run)
+        cmd.set_defaults(_run=module.run, _take_extra=getattr(module, "take_extra_arguments", None))
     return parser
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((a for a in argv if not a.startswith("-")), None)
-    args = build_parser(command if command in COMMANDS else None).parse_args(argv)
+    parser = build_parser(command if command in COMMANDS else None)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args._take_extra is None:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
+        if args._take_extra is not None:
+            args._take_extra(args, extra)
         return args._run(args)
     except CommandError as e:
         print(f"var-jax {args.command}: error: {e}", file=sys.stderr)

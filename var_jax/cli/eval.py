@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 
-from var_jax.cli import CommandError, parse_int_list
+from var_jax.cli import CommandError, add_mesh_argument, batch_mesh
 from var_jax.paths import atomic_write_text, user_path
 
 FEATURES = ("inception", "digits")
@@ -44,8 +44,7 @@ def add_arguments(parser):
     parser.add_argument("--out", default=None, metavar="M.json", help="write the metrics as JSON")
     parser.add_argument("--save-stats", default=None, metavar="F.npz",
                         help="write the reference's statistics (usable as --ref later); --samples optional then")
-    parser.add_argument("--mesh", default="-1,1,1",
-                        help="device mesh sizes data,fsdp,tensor; -1 = all remaining devices (default -1,1,1)")
+    add_mesh_argument(parser)
 
 
 def _one_line(e: Exception) -> str:
@@ -92,18 +91,10 @@ def run(args):
     from var_jax.eval import evaluate
     from var_jax.eval.feature_metrics import IS_SPLIT_SIZE
     from var_jax.eval.sources import SourceError
-    from var_jax.sharding import data_parallel_size, make_mesh
 
     if args.samples is None and args.save_stats is None:
         raise CommandError("give --samples (to score them) and/or --save-stats (to store the reference's statistics)")
-    try:
-        mesh = make_mesh(parse_int_list(args.mesh, "--mesh"))
-    except ValueError as e:
-        raise CommandError(f"--mesh: {e}") from None
-    dp = data_parallel_size(mesh)
-    if args.batch_size < 1 or args.batch_size % dp:
-        raise CommandError(f"--batch-size {args.batch_size} must be a positive multiple of the {dp} data-parallel "
-                           f"devices of mesh {dict(mesh.shape)}")
+    mesh = batch_mesh(args.mesh, args.batch_size)
     network = _network(args, mesh)
 
     samples = _images("--samples", args.samples, args) if args.samples else None

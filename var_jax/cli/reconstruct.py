@@ -19,7 +19,7 @@ import functools
 import sys
 import tempfile
 
-from var_jax.cli import CommandError, batch_mesh
+from var_jax.cli import CommandError, add_mesh_argument, batch_mesh
 from var_jax.paths import user_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -30,8 +30,7 @@ def add_arguments(parser):
     parser.add_argument("--images", required=True, help="input .npz (arr_0 uint8 NHWC) or a folder of images")
     parser.add_argument("--out", required=True, help="output .npz")
     parser.add_argument("--batch-size", type=int, default=8, help="global batch size (default 8)")
-    parser.add_argument("--mesh", default="-1,1,1",
-                        help="device mesh sizes data,fsdp,tensor; -1 = all remaining devices (default -1,1,1)")
+    add_mesh_argument(parser)
 
 
 class FolderImages:

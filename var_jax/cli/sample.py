@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-from var_jax.cli import (CommandError, add_distributed_arguments, add_run_settings_arguments, check_sampling_args,
-                         parse_int_list, run_settings_from_args)
+from var_jax.cli import (CommandError, add_distributed_arguments, add_mesh_argument, add_run_settings_arguments,
+                         check_sampling_args, parse_int_list, parse_mesh, run_settings_from_args)
 from var_jax.cli.reruns import check_same_settings
 from var_jax.paths import atomic_write, user_path
 
@@ -44,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--batch-size", type=int, default=32, help="images per step, over all devices")
     parser.add_argument("--mode", choices=MODES, default=None, help="how the scales are compiled (default: the "
                         "fastest, see benchmarks/sample_bench.py); every mode gives the same images")
-    parser.add_argument("--mesh", default="-1,1,1", help="data,fsdp,tensor mesh sizes (one may be -1)")
+    add_mesh_argument(parser)
     parser.add_argument("--out", required=True, help="output directory: samples.npz, grid.png, shards/")
     add_run_settings_arguments(parser)
     add_distributed_arguments(parser)
@@ -147,7 +147,7 @@ def run(args):
         options = SampleOptions(cfg=args.cfg, cfg_schedule=args.cfg_schedule, top_k=args.top_k, top_p=args.top_p,
                                 more_smooth=args.more_smooth, mode=args.mode or DEFAULT_MODE).validate()
         # hosts sample different batches independently: each one's mesh is its own devices
-        mesh = make_mesh(parse_int_list(args.mesh, "--mesh"), devices=jax.local_devices())
+        mesh = make_mesh(parse_mesh(args.mesh), devices=jax.local_devices())
     except ValueError as e:
         raise CommandError(str(e)) from None
 

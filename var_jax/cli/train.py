@@ -3,16 +3,19 @@
     python -m var_jax train --config configs/digits_var.py --workdir workdirs/digits_var \\
         --config.tokenizer_checkpoint=workdirs/digits_tokenizer
     python -m var_jax train --config configs/imagenet_var.py:depth=16,data_path=/data/imagenet/train \\
-        --workdir runs/d16 --config.tokenizer_checkpoint=checkpoints/vae --config.total_steps=4 --config.mesh='(2,2,2)'
+        --workdir runs/d16 --config.tokenizer_checkpoint=checkpoints/vae --config.total_steps=4 --config.mesh=2,2,2
 
---config FILE[:ARG]: a python file with get_config(ARG) (configs/common.py explains ARG). --config.KEY=VALUE
-(or --config.KEY VALUE) overrides any field, type-checked; an unknown KEY is an error. Multi-host: pass
---distributed (TPU pods: everything auto-detected) or --coordinator_address/--num_processes/--process_id
-(see launch/README.md).
+--config FILE[:ARG]: a python file with get_config(ARG) (var_jax/train/config_base.py explains ARG).
+--config.KEY=VALUE (or --config.KEY VALUE) overrides any field, type-checked; an unknown KEY is an error; the
+mesh is written as on every command (--config.mesh=2,2,2 or '(2,2,2)'). Multi-host: pass --distributed (TPU
+pods: everything auto-detected) or --coordinator_address/--num_processes/--process_id (see launch/README.md).
 """
 import argparse
 import ast
-import sys
+import importlib.util
+import os
+
+from var_jax.cli import CommandError, add_distributed_arguments, parse_mesh
 
 OVERRIDE_PREFIX = "--config."
 
@@ -20,57 +23,40 @@ OVERRIDE_PREFIX = "--config."
 def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--config", required=True, metavar="FILE[:ARG]", help="config file, e.g. configs/digits_var.py")
     parser.add_argument("--workdir", required=True, help="checkpoints, metrics.jsonl, TensorBoard, samples, model/")
-    parser.add_argument("--distributed", action="store_true",
-                        help="call jax.distributed.initialize() (auto-detects TPU pods and SLURM)")
-    parser.add_argument("--coordinator_address", default=None, help="host:port of process 0 (multi-process)")
-    parser.add_argument("--num_processes", type=int, default=None)
-    parser.add_argument("--process_id", type=int, default=None)
+    add_distributed_arguments(parser)
     parser.add_argument("--print_config", action="store_true", help="print the final config and exit")
-    # `--config.KEY=VALUE` overrides cannot be declared one by one: collect them before argparse sees them.
-    # (The dispatcher parses with parse_args; this parser instance hands its unknown `--config.*` strings over.)
-    plain_parse = parser.parse_known_args
-
-    def parse_known_args(args=None, namespace=None):
-        args = list(sys.argv[1:] if args is None else args)
-        overrides, rest = split_overrides(args)
-        namespace, unknown = plain_parse(rest, namespace)
-        namespace.config_overrides = overrides
-        return namespace, unknown
-    parser.parse_known_args = parse_known_args
 
 
-def split_overrides(args):
-    """(['KEY=VALUE', ...], the other arguments) from an argument list."""
-    overrides, rest, i = [], [], 0
+def take_extra_arguments(args, extra):
+    """The `--config.KEY=VALUE` overrides, which argparse cannot declare one by one, from what it left over."""
+    args.config_overrides = config_overrides(extra)
+
+
+def config_overrides(args):
+    """['KEY=VALUE', ...] from `--config.KEY=VALUE` / `--config.KEY VALUE` arguments; anything else is an error."""
+    overrides, i = [], 0
     while i < len(args):
         arg = args[i]
-        if arg.startswith(OVERRIDE_PREFIX):
-            key = arg[len(OVERRIDE_PREFIX):]
-            if "=" not in key:
-                if i + 1 >= len(args):
-                    raise SystemExit(f"var-jax train: error: {arg} needs a value")
-                key, i = f"{key}={args[i + 1]}", i + 1
-            overrides.append(key)
-        else:
-            rest.append(arg)
+        if not arg.startswith(OVERRIDE_PREFIX):
+            raise CommandError(f"unrecognized argument {arg}")
+        key = arg[len(OVERRIDE_PREFIX):]
+        if "=" not in key:
+            if i + 1 >= len(args):
+                raise CommandError(f"{arg} needs a value")
+            key, i = f"{key}={args[i + 1]}", i + 1
+        overrides.append(key)
         i += 1
-    return overrides, rest
+    return overrides
 
 
 def load_config(spec: str):
     """Import FILE, call get_config(ARG) (or get_config())."""
-    import importlib.util
-    import os
-
-    from var_jax.cli import CommandError
     path, _, arg = spec.partition(":")
     path = os.path.abspath(os.path.expanduser(path))
     if not os.path.isfile(path):
         raise CommandError(f"--config: no config file {path}")
-    root = os.path.dirname(os.path.dirname(path))   # so that `from configs import common` works
-    if root not in sys.path:
-        sys.path.insert(0, root)
-    module_spec = importlib.util.spec_from_file_location(f"_var_jax_config_{os.path.splitext(os.path.basename(path))[0]}", path)
+    name = os.path.splitext(os.path.basename(path))[0]
+    module_spec = importlib.util.spec_from_file_location(f"_var_jax_config_{name}", path)
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
@@ -90,7 +76,6 @@ def _parse_value(text: str):
 
 def apply_overrides(config, overrides):
     """Set KEY=VALUE pairs on a locked ConfigDict; unknown keys and wrong types are errors naming the key."""
-    from var_jax.cli import CommandError
     config.lock()
     for item in overrides:
         key, _, text = item.partition("=")
@@ -101,7 +86,8 @@ def apply_overrides(config, overrides):
                 node = node[name]
             if leaf not in node:
                 raise KeyError(leaf)
-            old, value = node[leaf], _parse_value(text)
+            old = node[leaf]
+            value = parse_mesh(text, f"--config.{key}") if key == "mesh" else _parse_value(text)
             if isinstance(old, str) and not isinstance(value, str):
                 value = text                     # e.g. a numeric-looking path
             if isinstance(old, tuple) and isinstance(value, list):
@@ -127,7 +113,6 @@ def maybe_initialize_distributed(args):
 
 
 def run(args):
-    from var_jax.cli import CommandError
     config = apply_overrides(load_config(args.config), getattr(args, "config_overrides", []))
     if args.print_config:
         print(config)

@@ -1,11 +1,14 @@
-"""Pieces shared by the training configs: the argument-string parser and the fields every config has.
+"""What the training configs (configs/*.py) share: the argument-string parser, the fields every config has,
+and the recipes more than one config builds on.
 
 A config file defines `get_config(arg=None)` returning an `ml_collections.ConfigDict`; `arg` is the text after
-the colon in `--config configs/NAME.py:ARG`, a comma-separated list of `key=value` (see `parse_arg`).
+the colon in `--config configs/NAME.py:ARG`, a comma-separated list of `key=value` (see `parse_arg`). Config
+files import from here (the package), never from each other, so they load from any directory by path.
 """
 from __future__ import annotations
 
 import ast
+import math
 
 import ml_collections
 
@@ -94,3 +97,56 @@ def base_config(stage: str = "var") -> ml_collections.ConfigDict:
         loss=ml_collections.ConfigDict(dict(label_smoothing=0.0, scale_weights=())),
         progressive=ml_collections.ConfigDict(dict(fraction=0.0, start_scale=4, ramp_steps=1)),
     ))
+
+
+def small_tokenizer_config(*, batch: int, steps: int, lr: float, vocab: int, data: ml_collections.ConfigDict,
+                           patch_nums: tuple[int, ...], ch_mult: tuple[int, ...]) -> ml_collections.ConfigDict:
+    """The small multi-scale VQ tokenizer recipe of the digits and shapes configs: L1 reconstruction + the
+    quantizer's VQ loss; the GAN (loss.disc_weight > 0) and LPIPS (loss.lpips_weight > 0 with lpips.vgg_path /
+    lpips.lin_path) are off: small synthetic images need neither. lr is the rate at this batch."""
+    config = base_config("tokenizer")
+    config.total_steps = steps
+    config.batch_size = batch
+    config.log_every = 50
+    config.checkpoint_every = 200
+    config.sample_every = 200          # PNG grid: originals, then their reconstructions
+    config.patch_nums = patch_nums
+    config.tokenizer_checkpoint = ""   # warm start from a converted tokenizer / earlier run (its shape wins)
+    config.data = data
+    config.tokenizer = ml_collections.ConfigDict(dict(
+        vocab_size=vocab, z_channels=16, ch=32, ch_mult=ch_mult, num_res_blocks=1,
+        attn_levels=(),            # the mid blocks still attend at the last latent size; no per-level attention
+        quant_conv_ks=3, beta=0.25, quant_resi=0.5, share_quant_resi=4, using_znorm=False, dropout=0.0))
+    config.loss = ml_collections.ConfigDict(dict(
+        recon_kind="l1", recon_weight=1.0, vq_weight=1.0, lpips_weight=0.0,
+        disc_weight=0.0, gan_kind="hinge", disc_start=0, adaptive_disc_weight=True,
+        restart_every=0, restart_threshold=1.0))
+    config.discriminator = ml_collections.ConfigDict(dict(base_channels=32, num_layers=2))
+    config.lpips = ml_collections.ConfigDict(dict(vgg_path="", lin_path=""))
+    # lr = tblr * batch / 256 in the shared recipe; no weight decay for the tokenizer.
+    tblr = lr * 256 / batch
+    config.optim = optim_config(tblr=tblr, warmup_steps=20, wd=0.0, wd_end=0.0)
+    config.disc_optim = optim_config(tblr=tblr, b1=0.5, b2=0.9, warmup_steps=0, schedule="constant",
+                                     wd=0.0, wd_end=0.0)   # VQGAN's Adam betas for the discriminator
+    return config
+
+
+# token-map sides per last-latent size: the digits demo's schedule for 4, extended the reference's way for 8
+SMALL_PATCH_NUMS = {4: (1, 2, 3, 4), 8: (1, 2, 3, 4, 6, 8)}
+
+
+def small_patch_nums(latent: int) -> tuple[int, ...]:
+    """patch_nums of a small tokenizer whose last token map is latent × latent (config argument `latent`)."""
+    if latent not in SMALL_PATCH_NUMS:
+        raise ValueError(f"config argument latent: must be one of {sorted(SMALL_PATCH_NUMS)}, got {latent}")
+    return SMALL_PATCH_NUMS[latent]
+
+
+def downsampling_ch_mult(image_size: int, latent: int) -> tuple[int, ...]:
+    """Channel multipliers for a downsampling of image_size / latent (a power of two): (1, 1, 2, 2, ...)."""
+    factor = image_size // latent
+    if factor < 2 or image_size % latent or factor & (factor - 1):
+        raise ValueError(f"config arguments image_size={image_size}, latent={latent}: image_size / latent must be "
+                         "a power of two >= 2")
+    levels = int(math.log2(factor)) + 1
+    return tuple(1 if i < levels // 2 else 2 for i in range(levels))

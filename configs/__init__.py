@@ -1,1 +1,0 @@
-"""Training configs: `python -m var_jax train --config configs/NAME.py[:ARGS]`."""
