@@ -62,3 +62,18 @@ def repo_config(spec: str):
     """configs/SPEC ('digits_var.py:depth=2') loaded the way `var-jax train --config` loads it."""
     from var_jax.cli.train import load_config
     return load_config(str(REPO_ROOT / "configs" / spec))
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory):
+    """A tiny random tokenizer model directory (patch_nums (1,2,3,4), 16 px images -> 4x4 latent)."""
+    from flax import nnx
+
+    from var_jax.checkpoints import save_model_dir
+    from var_jax.tokenizer.config import TokenizerConfig
+    from var_jax.tokenizer.vqvae import VQVAE
+    cfg = TokenizerConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
+                          patch_nums=(1, 2, 3, 4))
+    path = tmp_path_factory.mktemp("tok") / "model"
+    save_model_dir(path, tokenizer=(cfg, VQVAE(cfg, rngs=nnx.Rngs(0))))
+    return path

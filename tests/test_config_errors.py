@@ -6,7 +6,6 @@ import jax
 import pytest
 
 from conftest import REPO_ROOT, repo_config
-from test_resume import tokenizer_dir  # noqa: F401  (module-scoped fixture: a tiny tokenizer model dir)
 from var_jax.train import trainer
 from var_jax.train.stage import ConfigError, check_batch_divides
 

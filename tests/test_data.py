@@ -120,7 +120,7 @@ def test_load_image_for_eval(tmp_path, mode):
 
 def test_digits_source_shapes_classes_and_polarity():
     source, num_classes = build_source({"name": "digits", "image_size": 32})
-    assert len(source) == digits.NUM_IMAGES == 1797 and num_classes == 10
+    assert len(source) == 1797 and num_classes == 10   # sklearn's load_digits
     images = np.stack([source[i]["image"] for i in range(len(source))])
     labels = np.array([source[i]["label"] for i in range(len(source))])
     assert images.shape == (1797, 32, 32, 3) and images.dtype == np.uint8

@@ -32,20 +32,6 @@ def cache_dir(tmp_path_factory):
     jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
 
 
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    from flax import nnx
-
-    from var_jax.checkpoints import save_model_dir
-    from var_jax.tokenizer.config import TokenizerConfig
-    from var_jax.tokenizer.vqvae import VQVAE
-    cfg = TokenizerConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
-                          patch_nums=(1, 2, 3, 4))
-    path = tmp_path_factory.mktemp("tok") / "model"
-    save_model_dir(path, tokenizer=(cfg, VQVAE(cfg, rngs=nnx.Rngs(0))))
-    return path
-
-
 def train_args(workdir, tokenizer, *extra, steps=STEPS):
     return ["train", "--config", str(REPO_ROOT / "configs/digits_var.py") + ":depth=1,width=64,batch=8,image_size=16",
             "--workdir", str(workdir), f"--config.tokenizer_checkpoint={tokenizer}", "--config.patch_nums=(1,2,3,4)",

@@ -19,20 +19,6 @@ STEPS = 8
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-    from flax import nnx
-
-    from var_jax.checkpoints import save_model_dir
-    from var_jax.tokenizer.config import TokenizerConfig
-    from var_jax.tokenizer.vqvae import VQVAE
-    cfg = TokenizerConfig(vocab_size=64, z_channels=8, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
-                          patch_nums=(1, 2, 3, 4))
-    path = tmp_path_factory.mktemp("tok") / "model"
-    save_model_dir(path, tokenizer=(cfg, VQVAE(cfg, rngs=nnx.Rngs(0))))
-    return path
-
-
-@pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
     return tmp_path_factory.mktemp("jax_cache")
 

@@ -20,10 +20,17 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from var_jax.paths import atomic_write_text, user_path
+from var_jax.sharding import state_shardings
+from var_jax.tokenizer.config import TokenizerConfig
+from var_jax.tokenizer.vqvae import VQVAE
+from var_jax.transformer.config import VARConfig
+from var_jax.transformer.model import VAR
 
 FORMAT_NAME = "var-jax-model"
 FORMAT_VERSION = 1
@@ -95,7 +102,6 @@ def _param_dict(model) -> dict:
 
 def save_model_dir(directory, tokenizer=None, var=None, *, overwrite: bool = False) -> epath.Path:
     """Write a model directory from `tokenizer=(TokenizerConfig, VQVAE)` and/or `var=(VARConfig, VAR)`."""
-    import orbax.checkpoint as ocp
 
     if tokenizer is None and var is None:
         raise ValueError("save_model_dir: nothing to save (give tokenizer=(config, model) and/or var=(config, model))")
@@ -131,7 +137,6 @@ def save_model_dir(directory, tokenizer=None, var=None, *, overwrite: bool = Fal
 def sync_hosts(name: str):
     """A barrier over every process of a multi-host run (nothing with one process)."""
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
 
 
@@ -221,9 +226,7 @@ def _files_under(directory: epath.Path):
 
 def _restore_module(path: epath.Path, model_fn, mesh, what: str):
     """Rebuild a module from its constructor and restore its parameters, directly onto their shardings."""
-    import orbax.checkpoint as ocp
 
-    from var_jax.sharding import state_shardings
 
     if not path.is_dir():
         raise CheckpointError(f"{path.parent}: config.json names a {what} but {path} is missing")
@@ -273,8 +276,6 @@ def load_model_dir(directory, mesh=None, run_settings=None) -> ModelBundle:
     """Load a model directory; with a mesh, parameters are restored straight onto their logical-axis shardings.
     The transformer runs with `run_settings` (a transformer.RunSettings; None: the defaults, resolved for this
     process's backend)."""
-    from var_jax.tokenizer.config import TokenizerConfig
-    from var_jax.tokenizer.vqvae import VQVAE
 
     directory = user_path(directory)
     config = read_model_config(directory)
@@ -283,7 +284,6 @@ def load_model_dir(directory, mesh=None, run_settings=None) -> ModelBundle:
         if config.get("tokenizer") is not None:
             bundle.tokenizer_config = TokenizerConfig.from_dict(config["tokenizer"]).validate()
         if config.get("var") is not None:
-            from var_jax.transformer.config import VARConfig
             bundle.var_config = VARConfig.from_dict(config["var"]).with_run_settings(run_settings)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{directory / CONFIG_FILE}: invalid model config: {e}") from None
@@ -292,7 +292,6 @@ def load_model_dir(directory, mesh=None, run_settings=None) -> ModelBundle:
         bundle.tokenizer = _restore_module(directory / "tokenizer", lambda rngs: VQVAE(cfg, rngs=rngs), mesh,
                                            "tokenizer")
     if bundle.var_config is not None:
-        from var_jax.transformer.model import VAR
         vcfg = bundle.var_config
         bundle.var = _restore_module(directory / "var", lambda rngs: VAR(vcfg, rngs=rngs), mesh, "var")
     for model in (bundle.tokenizer, bundle.var):

@@ -13,9 +13,10 @@ import functools
 
 import numpy as np
 from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
 
 NUM_CLASSES = 10
-NUM_IMAGES = 1797
 NATIVE_SIZE = 8
 MAX_VALUE = 16           # load_digits pixel values are counts of set pixels in 4×4 blocks: 0..16
 TEST_FRACTION = 0.2      # held-out share for the classifier's accuracy
@@ -25,7 +26,6 @@ SPLITS = ("all", "train", "test")
 
 @functools.lru_cache(maxsize=None)
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
-    from sklearn.datasets import load_digits
     bunch = load_digits()
     return bunch.images.astype(np.float32), bunch.target.astype(np.int32)
 
@@ -39,7 +39,6 @@ def split_indices(split: str) -> np.ndarray:
     all_indices = np.arange(len(labels))
     if split == "all":
         return all_indices
-    from sklearn.model_selection import train_test_split
     train, test = train_test_split(all_indices, test_size=TEST_FRACTION, random_state=SPLIT_SEED,
                                    stratify=labels)
     return np.sort(train if split == "train" else test)

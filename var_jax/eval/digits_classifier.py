@@ -19,9 +19,12 @@ import functools
 
 import numpy as np
 from PIL import Image
+from sklearn.neighbors import NearestNeighbors
+from sklearn.svm import SVC
 
 from var_jax.data import digits
 from var_jax.data.transforms import preprocess, to_model_range
+from var_jax.images import to_unit_range
 
 RANDOM_CROPS_PER_DIGIT = 2   # augmentation: samples are drawn like training images, i.e. from random crops
 IN_DISTRIBUTION_QUANTILE = 0.95   # of held-out real digits' nearest-neighbour distances
@@ -29,15 +32,7 @@ IN_DISTRIBUTION_QUANTILE = 0.95   # of held-out real digits' nearest-neighbour d
 
 def to_digit_features(images) -> np.ndarray:
     """NHWC images (uint8 in [0, 255] or float in [-1, 1], 1 or 3 channels) -> float32 (N, 64) on the 0..16 scale."""
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] not in (1, 3) or min(images.shape[1:3]) < digits.NATIVE_SIZE:
-        raise ValueError(f"expected NHWC images with 1 or 3 channels and sides >= {digits.NATIVE_SIZE}, "
-                         f"got shape {images.shape}")
-    if images.dtype == np.uint8:
-        unit = images.astype(np.float32) / 255.0
-    else:
-        unit = np.clip((images.astype(np.float32) + 1.0) / 2.0, 0.0, 1.0)
-    gray = unit.mean(axis=-1)
+    gray = to_unit_range(images, digits.NATIVE_SIZE).mean(axis=-1)
     native = (digits.NATIVE_SIZE, digits.NATIVE_SIZE)
     small = np.stack([np.asarray(Image.fromarray(g).resize(native, Image.Resampling.BOX)) for g in gray])
     return (small * digits.MAX_VALUE).reshape(len(gray), -1).astype(np.float32)
@@ -60,8 +55,6 @@ class DigitsClassifier:
 
     @classmethod
     def fit(cls, resolution: int = 32, seed: int = 0) -> "DigitsClassifier":
-        from sklearn.neighbors import NearestNeighbors
-        from sklearn.svm import SVC
         rng = np.random.default_rng(seed)
         train_digits, train_labels = digits.native_digits("train")
         renders = [render_like_pipeline(train_digits, resolution, train=False)]

@@ -18,6 +18,14 @@ import functools
 import warnings
 
 import numpy as np
+from scipy.special import softmax
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.neural_network import MLPClassifier
+from threadpoolctl import threadpool_limits
+
+from var_jax.data import digits
+from var_jax.data.transforms import from_model_range
+from var_jax.eval.digits_classifier import RANDOM_CROPS_PER_DIGIT, render_like_pipeline, to_digit_features
 
 NETWORK_ID = "digits-mlp64-v1"
 HIDDEN = 64
@@ -34,18 +42,13 @@ class DigitsFeatureNet:
 
     @classmethod
     def fit(cls, seed: int = 0) -> "DigitsFeatureNet":
-        from sklearn.exceptions import ConvergenceWarning
-        from sklearn.neural_network import MLPClassifier
 
-        from var_jax.data import digits
-        from var_jax.eval.digits_classifier import RANDOM_CROPS_PER_DIGIT, render_like_pipeline, to_digit_features
         rng = np.random.default_rng(seed)
         train_digits, train_labels = digits.native_digits("train")
         renders = [render_like_pipeline(train_digits, FEATURE_RESOLUTION, train=False)]
         renders += [render_like_pipeline(train_digits, FEATURE_RESOLUTION, train=True, rng=rng)
                     for _ in range(RANDOM_CROPS_PER_DIGIT)]
         x = np.concatenate([to_digit_features(r) for r in renders]) / digits.MAX_VALUE
-        from threadpoolctl import threadpool_limits
         mlp = MLPClassifier(hidden_layer_sizes=(HIDDEN,), activation="relu", solver="lbfgs", max_iter=100,
                             random_state=seed)
         # one BLAS thread: the same result on every machine, and far faster than threads for matrices this small
@@ -59,10 +62,7 @@ class DigitsFeatureNet:
 
     def features(self, images) -> dict[str, np.ndarray]:
         """uint8 NHWC images (1 or 3 channels, sides >= 8) -> {'pool', 'spatial', 'probs'} as float32."""
-        from scipy.special import softmax
 
-        from var_jax.data import digits
-        from var_jax.eval.digits_classifier import to_digit_features
         pixels = to_digit_features(images).astype(np.float64) / digits.MAX_VALUE
         hidden = np.maximum(pixels @ self.hidden_weights + self.hidden_bias, 0.0)
         probs = softmax(hidden @ self.out_weights, axis=1)
@@ -77,8 +77,5 @@ def digits_feature_net(seed: int = 0) -> DigitsFeatureNet:
 
 def real_digits(split: str, resolution: int) -> np.ndarray:
     """uint8 (N, R, R, 3): a digits split rendered as the training pipeline shows it at evaluation (centre crop)."""
-    from var_jax.data import digits
-    from var_jax.data.transforms import from_model_range
-    from var_jax.eval.digits_classifier import render_like_pipeline
     native, _ = digits.native_digits(split)
     return np.ascontiguousarray(from_model_range(render_like_pipeline(native, resolution, train=False)))

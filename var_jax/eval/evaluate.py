@@ -13,10 +13,18 @@ by another network (kind or weights sha256 differ) is refused: its numbers would
 from __future__ import annotations
 
 import dataclasses
+import zipfile
 
+import jax
 import numpy as np
+from flax import nnx
+from tqdm import tqdm
 
 from var_jax.eval import feature_metrics as fm
+from var_jax.eval.digits_features import NETWORK_ID, digits_feature_net
+from var_jax.eval.inception import compiled_features, load_inception
+from var_jax.paths import atomic_write
+from var_jax.sharding import batch_sharding, replicated
 
 STATS_FORMAT = "var-jax-eval-stats"
 STATS_VERSION = 1
@@ -53,11 +61,7 @@ class Network:
 def inception_network(path, mesh, batch_size: int) -> Network:
     """The FID Inception from pytorch-fid's weights file, jitted, batches padded to `batch_size` and sharded
     over the mesh's data-parallel devices."""
-    import jax
-    from flax import nnx
 
-    from var_jax.eval.inception import compiled_features, load_inception
-    from var_jax.sharding import batch_sharding, replicated
 
     model, sha = load_inception(path)
     graphdef, state = nnx.split(model)
@@ -76,7 +80,6 @@ def inception_network(path, mesh, batch_size: int) -> Network:
 
 
 def digits_network() -> Network:
-    from var_jax.eval.digits_features import NETWORK_ID, digits_feature_net
     net = digits_feature_net()
     return Network("digits", NETWORK_ID, None, net.features)
 
@@ -84,7 +87,6 @@ def digits_network() -> Network:
 def compute_feature_set(images, network: Network, batch_size: int, desc: str = "features",
                         split_size: int = fm.IS_SPLIT_SIZE, progress: bool = True) -> FeatureSet:
     """Run `network` over an image source (var_jax.eval.sources) batch by batch, accumulating statistics."""
-    from tqdm import tqdm
 
     pool_stats, spatial_stats = fm.MomentAccumulator(), fm.MomentAccumulator()
     is_acc = fm.InceptionScoreAccumulator(split_size)
@@ -109,7 +111,6 @@ def compute_feature_set(images, network: Network, batch_size: int, desc: str = "
 
 
 def save_stats(path, fs: FeatureSet, network: Network):
-    from var_jax.paths import atomic_write
     arrays = {"format": np.array(STATS_FORMAT), "version": np.array(STATS_VERSION),
               "feature_kind": np.array(network.kind), "network_id": np.array(network.network_id),
               "network_sha256": np.array(network.sha256 or ""), "num_images": np.array(fs.num_images),
@@ -123,7 +124,6 @@ def save_stats(path, fs: FeatureSet, network: Network):
 def is_stats_file(path) -> bool:
     """An .npz without arr_0 but with mu and sigma (ours; ADM reference batches carry arr_0 and are read as
     images, since their mu/sigma come from the TensorFlow graph)."""
-    import zipfile
     try:
         with path.open("rb") as raw, zipfile.ZipFile(raw) as archive:
             names = set(archive.namelist())

@@ -22,8 +22,15 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from scipy import linalg
+from scipy.special import xlogy
+
+from var_jax.sharding import batch_sharding, data_parallel_size
 
 FID_EPS = 1e-6
 IS_SPLIT_SIZE = 5000
@@ -65,9 +72,7 @@ class MomentAccumulator:
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = FID_EPS) -> float:
-    import warnings
 
-    from scipy import linalg
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
@@ -101,7 +106,6 @@ class InceptionScoreAccumulator:
         self._psum = None
 
     def update(self, probs) -> None:
-        from scipy.special import xlogy
         probs = np.asarray(probs, np.float64)
         while len(probs):
             take = self.split_size - self._n
@@ -116,7 +120,6 @@ class InceptionScoreAccumulator:
                 self._close_split()
 
     def _close_split(self) -> None:
-        from scipy.special import xlogy
         mean = self._psum / self._n
         kl = self._plogp / self._n - float(xlogy(mean, mean).sum())
         self.split_scores.append(float(np.exp(kl)))
@@ -139,8 +142,6 @@ def inception_score(probs, split_size: int = IS_SPLIT_SIZE) -> float:
 # ---- precision and recall ---------------------------------------------------------------------------------
 
 def _squared_distances(rows, cols):
-    import jax
-    import jax.numpy as jnp
     rn = jnp.sum(rows * rows, axis=1)[:, None]
     cn = jnp.sum(cols * cols, axis=1)[None, :]
     cross = jnp.dot(rows, cols.T, precision=jax.lax.Precision.HIGHEST)
@@ -149,8 +150,6 @@ def _squared_distances(rows, cols):
 
 @functools.cache
 def _compiled(k: int):
-    import jax
-    import jax.numpy as jnp
 
     def smallest(rows, cols, col_valid):
         d = jnp.where(col_valid[None, :], _squared_distances(rows, cols), jnp.inf)
@@ -180,7 +179,6 @@ def _block_size(n: int, multiple: int, block: int) -> int:
 def manifold_radii(features, k: int = NEAREST_K, *, mesh=None, block: int = DISTANCE_BLOCK) -> np.ndarray:
     """float32 (N,): squared distance of each feature to its k-th nearest neighbour in the set (self included
     at distance 0)."""
-    import jax
 
     features = np.asarray(features, np.float32)
     n = len(features)
@@ -203,7 +201,6 @@ def manifold_radii(features, k: int = NEAREST_K, *, mesh=None, block: int = DIST
 def precision_recall(ref_features, sample_features, k: int = NEAREST_K, *, mesh=None,
                      block: int = DISTANCE_BLOCK) -> tuple[float, float]:
     """(precision, recall) of the samples against the references (see the module docstring)."""
-    import jax
 
     ref = np.asarray(ref_features, np.float32)
     smp = np.asarray(sample_features, np.float32)
@@ -235,7 +232,6 @@ def precision_recall(ref_features, sample_features, k: int = NEAREST_K, *, mesh=
 def _sharding(mesh):
     if mesh is None:
         return None, 1
-    from var_jax.sharding import batch_sharding, data_parallel_size
     return batch_sharding(mesh, 2), data_parallel_size(mesh)
 
 

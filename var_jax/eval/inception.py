@@ -34,6 +34,9 @@ import numpy as np
 from flax import nnx
 from flax import linen
 
+from var_jax.checkpoints import read_state_dict
+from var_jax.paths import user_path
+
 INPUT_SIZE = 299
 POOL_DIM = 2048
 NUM_LOGITS = 1008
@@ -308,7 +311,6 @@ def from_state_dict(state_dict: dict, source: str = "state dict") -> InceptionV3
 
 
 def file_sha256(path) -> str:
-    from var_jax.paths import user_path
     digest = hashlib.sha256()
     with user_path(path).open("rb") as f:
         for chunk in iter(functools.partial(f.read, 1 << 20), b""):
@@ -319,7 +321,6 @@ def file_sha256(path) -> str:
 def load_inception(path) -> tuple[InceptionV3, str]:
     """(model, sha256 of the file) from pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (or an .npz of the
     same keys). CheckpointError for an unreadable file, InceptionWeightsError for a mismatched one."""
-    from var_jax.checkpoints import read_state_dict
     state_dict = read_state_dict(path)
     return from_state_dict(state_dict, source=str(path)), file_sha256(path)
 

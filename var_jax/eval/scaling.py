@@ -26,9 +26,14 @@ from __future__ import annotations
 import json
 import math
 
+import jax
 import numpy as np
+from flax import nnx
 
+from var_jax.checkpoints import read_model_config
 from var_jax.paths import atomic_write, atomic_write_text, user_path
+from var_jax.train.var.flops import var_train_flops_per_example
+from var_jax.transformer import VAR, VARConfig
 
 METRICS = ("val_loss", "val_loss_last", "val_err", "val_err_last")
 X_AXES = ("params", "flops")
@@ -108,10 +113,7 @@ def pareto_frontier(flops, loss) -> list[int]:
 
 def non_embedding_params(var_config: dict) -> tuple[int, int]:
     """(non-embedding, total) parameters of the VAR transformer described by a model directory's 'var' config."""
-    from flax import nnx
-    import jax
 
-    from var_jax.transformer import VAR, VARConfig
     cfg = VARConfig.from_dict(var_config)
     abstract = nnx.eval_shape(lambda: VAR(cfg, rngs=nnx.Rngs(0)))
     total = embedding = 0
@@ -162,9 +164,6 @@ def final_metrics(records: list[dict]) -> tuple[dict, str]:
 
 def collect_run(run_dir) -> dict:
     """One point of scaling.json from a finished training workdir."""
-    from var_jax.checkpoints import read_model_config
-    from var_jax.train.var.flops import var_train_flops_per_example
-    from var_jax.transformer import VARConfig
 
     run_dir = user_path(run_dir)
     model_config = read_model_config(run_dir / MODEL_DIR)

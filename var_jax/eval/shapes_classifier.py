@@ -17,10 +17,16 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+from scipy.ndimage import map_coordinates
+from sklearn.neighbors import NearestNeighbors
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC
 
 from var_jax.data import shapes
 from var_jax.data.transforms import preprocess, to_model_range
 from var_jax.eval.digits_classifier import IN_DISTRIBUTION_QUANTILE, DigitsClassifier
+from var_jax.images import to_unit_range
 
 FIT_IMAGES = 4000            # training images for the SVM (a few seconds to render and fit)
 HELD_OUT_IMAGES = 1000
@@ -32,14 +38,7 @@ HARMONICS = 7                # angular harmonics kept per ring: a star needs 5
 
 def _unit_images(images) -> np.ndarray:
     """NHWC uint8 in [0, 255] or float in [-1, 1] -> float32 in [0, 1], 3 channels."""
-    images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] not in (1, 3) or min(images.shape[1:3]) < shapes.MIN_RESOLUTION:
-        raise ValueError(f"expected NHWC images with 1 or 3 channels and sides >= {shapes.MIN_RESOLUTION}, "
-                         f"got shape {images.shape}")
-    if images.dtype == np.uint8:
-        unit = images.astype(np.float32) / 255.0
-    else:
-        unit = np.clip((images.astype(np.float32) + 1.0) / 2.0, 0.0, 1.0)
+    unit = to_unit_range(images, shapes.MIN_RESOLUTION)
     return np.broadcast_to(unit, unit.shape[:3] + (3,))
 
 
@@ -54,7 +53,6 @@ def foreground_masks(images) -> np.ndarray:
 
 def shape_features(images) -> np.ndarray:
     """float32 (N, POLAR_RADII · HARMONICS): translation-, scale- and rotation-invariant outline features."""
-    from scipy.ndimage import map_coordinates
     masks = foreground_masks(images)
     n, h, w = masks.shape
     rows, cols = np.mgrid[0:h, 0:w]
@@ -83,10 +81,6 @@ class ShapesClassifier(DigitsClassifier):
 
     @classmethod
     def fit(cls, resolution: int = 32, seed: int = 0) -> "ShapesClassifier":
-        from sklearn.neighbors import NearestNeighbors
-        from sklearn.pipeline import make_pipeline
-        from sklearn.preprocessing import StandardScaler
-        from sklearn.svm import SVC
         rng = np.random.default_rng(seed)
         start, _ = shapes.split_range("train")
         train_indices = np.arange(start, start + FIT_IMAGES)

@@ -7,9 +7,11 @@
 """
 from __future__ import annotations
 
+import contextlib
 import zipfile
 
 import numpy as np
+from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
@@ -64,7 +66,6 @@ class NpzImages:
         _check_shape(self._shape, self._dtype, str(path))
 
     def _open(self):
-        import contextlib
 
         @contextlib.contextmanager
         def opened():
@@ -115,7 +116,6 @@ class FolderImages:
         self._shape = self._load(self.files[0]).shape
 
     def _load(self, file) -> np.ndarray:
-        from PIL import Image
         try:
             with file.open("rb") as f, Image.open(f) as image:
                 return np.asarray(image.convert("RGB"), np.uint8)

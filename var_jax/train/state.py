@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from var_jax.checkpoints import ModelParts, pure_dict, split_model
-from var_jax.sharding import replicated, state_shardings
+from var_jax.sharding import batch_sharding, replicated, state_shardings
 
 
 @flax.struct.dataclass
@@ -127,7 +127,6 @@ def param_count(params) -> int:
 
 def batch_shardings(mesh: Mesh, batch) -> Any:
     """Leading axis over the data-parallel devices for every array of the batch; scalars replicated."""
-    from var_jax.sharding import batch_sharding
     return jax.tree.map(lambda x: batch_sharding(mesh, len(x.shape)) if len(x.shape) else replicated(mesh), batch)
 
 

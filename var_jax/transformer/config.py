@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import jax
+
 from var_jax.scale_config import PATCH_NUMS_256, PATCH_NUMS_512, ScaleScheduleConfig
 
 # init_adaln_gamma of the README training recipes (alng), by depth; other depths keep the 1e-5 default.
@@ -37,7 +39,6 @@ def resolve_compute_dtype(name: str, backend: str | None = None) -> str:
     """'auto' -> bfloat16 on GPU/TPU, float32 on CPU (`backend` defaults to JAX's default backend)."""
     if name == "auto":
         if backend is None:
-            import jax
             backend = jax.default_backend()
         return "bfloat16" if backend in ACCELERATOR_BACKENDS else "float32"
     if name not in COMPUTE_DTYPES:

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from var_jax.checkpoints import read_state_dict
+
 # torchvision `vgg16().features` indices of the 3x3 convs, grouped by the block whose last ReLU LPIPS taps.
 VGG16_CONV_INDICES = ((0, 2), (5, 7), (10, 12, 14), (17, 19, 21), (24, 26, 28))
 VGG16_WIDTHS = (64, 128, 256, 512, 512)
@@ -114,5 +116,4 @@ def lpips_from_state_dicts(vgg_sd, lin_sd) -> LPIPS:
 
 def load_lpips(vgg_path: str, lin_path: str) -> LPIPS:
     """LPIPS from the two weight files (.pth or .npz), see the module docstring."""
-    from var_jax.checkpoints import read_state_dict
     return lpips_from_state_dicts(read_state_dict(vgg_path), read_state_dict(lin_path))

@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 
 from var_jax.scale_config import scale_begin_ends
+from var_jax.tokenizer import quantizer
 from var_jax.train.var import loss as var_loss
 from var_jax.train.optimizer import current_hyperparams
 from var_jax.train.var.progressive import truncated_weights
@@ -41,7 +42,6 @@ class VarStepConfig:
 
 def make_tokenizer_fn(tokenizer_graphdef, tokenizer_cfg) -> Callable:
     """(tokenizer params, images) -> (tokens (B, L) int32, teacher input (B, L-1, Cvae) float32), no gradient."""
-    from var_jax.tokenizer import quantizer
 
     def tokenize(tokenizer_state, images):
         tokenizer = nnx.merge(tokenizer_graphdef, tokenizer_state)
