@@ -18,6 +18,7 @@ def get_config(arg=None):
     config.log_every = 20
     config.checkpoint_every = 500
     config.sample_every = 1000
+    config.eval_every = 500                    # held-out digits (360 images): well under 1% of the demo's time
     config.patch_nums = (1, 2, 3, 4)           # the digits tokenizer's 4x4 latent: L = 30 tokens
     config.tokenizer_checkpoint = "workdirs/digits_tokenizer"
     config.data = config_base.data_config(name="digits", image_size=arg.image_size)

@@ -95,7 +95,8 @@ def test_cli_overrides_apply_with_types(tmp_path):
 
 
 def test_tokenizer_checkpoint_accepts_a_training_workdir(tokenizer_dir, tmp_path):
-    """A tokenizer training workdir holds the run's config.json *and* the exported model in model/."""
+    """A tokenizer training workdir holds the run's train_config.json (config.json in older workdirs, the name a
+    model directory gives its own config) *and* the exported model in model/."""
     import json
     import shutil
     import ml_collections
@@ -104,8 +105,9 @@ def test_tokenizer_checkpoint_accepts_a_training_workdir(tokenizer_dir, tmp_path
     from var_jax.train.stage import load_tokenizer_for
     workdir = tmp_path / "tokenizer_run"
     shutil.copytree(tokenizer_dir, workdir / "model")
-    (workdir / "config.json").write_text(json.dumps({"stage": "tokenizer"}))
-    assert str(resolve_model_dir(str(workdir))) == str(workdir / "model")
+    for name in ("train_config.json", "config.json"):
+        (workdir / name).write_text(json.dumps({"stage": "tokenizer"}))
+        assert str(resolve_model_dir(str(workdir))) == str(workdir / "model")
     assert str(resolve_model_dir(str(workdir / "model"))) == str(workdir / "model")
     with pytest.raises(ConfigError, match="tokenizer_checkpoint"):
         load_tokenizer_for(ml_collections.ConfigDict({"tokenizer_checkpoint": str(tmp_path / "missing")}))

@@ -156,7 +156,7 @@ def test_unreadable_latest_checkpoint_falls_back_and_goes_on(tmp_path, tokenizer
 def test_resume_guard_refuses_another_run_before_writing(tmp_path, tokenizer_dir, straight, capsys):
     workdir = tmp_path / "run"
     shutil.copytree(straight, workdir)
-    before = {p: p.read_bytes() for p in (workdir / "config.json", workdir / "metrics.jsonl")}
+    before = {p: p.read_bytes() for p in (workdir / "train_config.json", workdir / "metrics.jsonl")}
     with pytest.raises(SystemExit) as stop:
         main(train_args(workdir, tokenizer_dir, "--config.seed=1", "--config.optim.b2=0.99"))
     assert stop.value.code == 2

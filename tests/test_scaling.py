@@ -67,7 +67,9 @@ def write_run(root, depth, *, held_out, steps=10, batch=4):
     (run / "model").mkdir(parents=True)
     (run / "model" / "config.json").write_text(json.dumps(
         {"format": "var-jax-model", "version": 1, "tokenizer": TOKENIZER, "var": cfg.to_dict()}))
-    (run / "config.json").write_text(json.dumps({"batch_size": batch, "total_steps": steps}))
+    # odd depths: a workdir from before train_config.json, whose run config is config.json
+    (run / ("config.json" if depth % 2 else "train_config.json")).write_text(
+        json.dumps({"batch_size": batch, "total_steps": steps}))
     params, _ = scaling.non_embedding_params(cfg.to_dict())
     loss = float(scaling.power_law(params, ALPHA, BETA))
     records = []

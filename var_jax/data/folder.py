@@ -9,9 +9,16 @@ extension are listed (anything else is ignored). A file that cannot be decoded i
 index is served in its place (deterministically), the file is counted in `num_unreadable` and logged once as a
 warning, so one bad file never stops a run. With grain worker processes each worker keeps its own counts; the
 record's `skipped_images` flag (1 on a replaced example) is what reaches the trainer's metrics.
+
+Held-out split (`split='val'`): a `val/` folder beside the root when the root is a folder named `train/` (the
+ImageNet layout; its classes are matched to the training classes by name), else the files whose relative path
+hashes into the first HELD_OUT_FRACTION of the hash range; `split='train'` then leaves those files out, so they
+are never trained on. The hash depends on the path inside the root only: the split does not change when the tree
+is moved or files are added elsewhere. `split='all'` lists every file of the root.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 
@@ -26,6 +33,8 @@ log = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # How many following indices to try before giving up: a folder that bad is a broken dataset, not a bad file.
 MAX_SUBSTITUTIONS = 64
+SPLITS = ("all", "train", "val")
+HELD_OUT_FRACTION = 0.02         # of the files, when there is no val/ folder beside train/
 
 
 def decode_rgb(path: str | os.PathLike) -> np.ndarray:
@@ -35,20 +44,42 @@ def decode_rgb(path: str | os.PathLike) -> np.ndarray:
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-def list_image_folder(root: str | os.PathLike) -> tuple[list[str], list[tuple[str, int]]]:
-    """(class names, [(path, label), ...]) of an ImageFolder tree; clear errors for missing or empty trees."""
+def list_image_folder(root: str | os.PathLike, classes: list[str] | None = None
+                      ) -> tuple[list[str], list[tuple[str, int]]]:
+    """(class names, [(path, label), ...]) of an ImageFolder tree; clear errors for missing or empty trees.
+
+    `classes`: label by these names (a held-out folder beside the training one); a sub-folder not among them is
+    an error."""
     root = user_path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"image folder {str(root)!r} does not exist or is not a directory")
-    classes = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
-    if not classes:
+    found = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
+    if not found:
         raise ValueError(f"image folder {str(root)!r} has no class sub-folders")
+    if classes is None:
+        classes = found
+    unknown = sorted(set(found) - set(classes))
+    if unknown:
+        raise ValueError(f"image folder {str(root)!r} has class folders the training folder lacks: {unknown[:5]}")
     samples = []
-    for label, name in enumerate(classes):
-        samples.extend((path, label) for path in _image_files(root / name))
+    for name in found:
+        samples.extend((path, classes.index(name)) for path in _image_files(root / name))
     if not samples:
         raise ValueError(f"image folder {str(root)!r} has no image files (extensions {IMAGE_EXTENSIONS})")
     return classes, samples
+
+
+def held_out_folder(root: str | os.PathLike):
+    """ROOT/../val when ROOT is a folder named train/ with a val/ folder beside it, else None."""
+    root = user_path(root)
+    sibling = root.parent / "val"
+    return sibling if root.name == "train" and sibling.is_dir() else None
+
+
+def in_held_out_fraction(relative_path: str) -> bool:
+    """Whether a file (its path inside the root, '/'-separated) belongs to the hashed held-out fraction."""
+    digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") < HELD_OUT_FRACTION * 2 ** 64
 
 
 def _image_files(directory) -> list[str]:
@@ -60,11 +91,27 @@ def _image_files(directory) -> list[str]:
 
 
 class ImageFolderSource:
-    """Random-access source of {'image': uint8 (H, W, 3), 'label': int32}; unreadable files are skipped."""
+    """Random-access source of {'image': uint8 (H, W, 3), 'label': int32}; unreadable files are skipped.
 
-    def __init__(self, root: str | os.PathLike):
-        self.root = str(root)
+    split: 'all' (every file of the root), 'train' (without the held-out files) or 'val' (the held-out files);
+    see the module docstring."""
+
+    def __init__(self, root: str | os.PathLike, split: str = "all"):
+        if split not in SPLITS:
+            raise ValueError(f"folder split must be one of {SPLITS}, got {split!r}")
+        self.root, self.split = str(root), split
         self.classes, self.samples = list_image_folder(root)
+        val_folder = held_out_folder(root) if split != "all" else None
+        if val_folder is not None and split == "val":
+            self.samples = list_image_folder(val_folder, self.classes)[1]
+        elif val_folder is None and split != "all":
+            # listed paths start with the absolute root (list_image_folder): the rest is the path inside it
+            prefix, total = len(str(user_path(root))), len(self.samples)
+            self.samples = [s for s in self.samples
+                            if in_held_out_fraction(s[0][prefix:].replace(os.sep, "/").lstrip("/")) == (split == "val")]
+            if not self.samples:
+                raise ValueError(f"image folder {self.root!r} has no {split!r} files (held-out fraction "
+                                 f"{HELD_OUT_FRACTION} of {total} files)")
         self.num_classes = len(self.classes)
         self.unreadable: set[str] = set()
         self.num_substitutions = 0
@@ -97,4 +144,4 @@ class ImageFolderSource:
                            f"{index} are unreadable; the dataset is broken")
 
     def __repr__(self) -> str:
-        return f"ImageFolderSource({self.root!r}, classes={self.num_classes}, len={len(self)})"
+        return f"ImageFolderSource({self.root!r}, split={self.split!r}, classes={self.num_classes}, len={len(self)})"

@@ -9,15 +9,22 @@ depend on it either); shards are disjoint and cover the stream.
 
 The iterator (`iter(make_dataset(...))`) is a grain DatasetIterator: `get_state()` / `set_state()` give a small
 JSON-able dict; `checkpoint_save_args` / `checkpoint_restore_args` wrap it for an orbax CheckpointManager.
+
+Held-out evaluation (`make_eval_dataset`): one pass in source order, centre crops, the last global batch padded
+with repeats of real images and a 'mask' (1.0 real, 0.0 padding), so every image counts exactly once whatever the
+batch size and number of hosts.
 """
 from __future__ import annotations
 
 import functools
 
 import grain
+import jax
 import numpy as np
+from absl import flags
 
 from var_jax.data.transforms import preprocess, to_model_range
+from var_jax.sharding import batch_sharding, data_parallel_size
 
 
 def _transform_example(example: dict, rng: np.random.Generator | None, *, image_size: int, train: bool,
@@ -25,8 +32,11 @@ def _transform_example(example: dict, rng: np.random.Generator | None, *, image_
     image = preprocess(example["image"], image_size, train=train, rng=rng, hflip=hflip)
     # skipped_images: 1 where the source replaced an unreadable file by the next readable one (folder.py); it
     # travels with the example so that grain worker processes need no side channel, and the train step sums it.
-    return {"image": to_model_range(image), "label": np.int32(example["label"]),
-            "skipped_images": np.int32(example.get("skipped_images", 0))}
+    out = {"image": to_model_range(image), "label": np.int32(example["label"]),
+           "skipped_images": np.int32(example.get("skipped_images", 0))}
+    if "mask" in example:      # held-out padding (make_eval_dataset)
+        out["mask"] = np.float32(example["mask"])
+    return out
 
 
 def _eval_example(example: dict, *, image_size: int) -> dict:
@@ -36,7 +46,6 @@ def _eval_example(example: dict, *, image_size: int) -> dict:
 def resolve_shard(shard_index: int | None, shard_count: int | None) -> tuple[int, int]:
     """(index, count) of this host; defaults to jax.process_index() / jax.process_count()."""
     if shard_index is None or shard_count is None:
-        import jax
         shard_index = jax.process_index() if shard_index is None else shard_index
         shard_count = jax.process_count() if shard_count is None else shard_count
     if not 0 <= shard_index < shard_count:
@@ -97,10 +106,35 @@ def make_dataset(source, *, image_size: int, global_batch_size: int, seed: int, 
     return batches
 
 
+class PaddedSource:
+    """`source` followed by repeats of its first images up to a multiple of `multiple`, each example with a
+    'mask': 1.0 for the source's own images, 0.0 for the padding."""
+
+    def __init__(self, source, multiple: int):
+        self.source, self.num_real = source, len(source)
+        self.size = -(-self.num_real // multiple) * multiple
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> dict:
+        index = int(index)
+        return {**self.source[index % self.num_real], "mask": np.float32(index < self.num_real)}
+
+
+def make_eval_dataset(source, *, image_size: int, global_batch_size: int, shard_index: int | None = None,
+                      shard_count: int | None = None, num_threads: int = 8, prefetch_buffer_size: int = 8):
+    """One pass over the whole `source` as make_dataset(train=False) batches with a 'mask' (B,) float32 entry;
+    iterate it again (`iter(...)`) for the next evaluation."""
+    return make_dataset(PaddedSource(source, global_batch_size), image_size=image_size,
+                        global_batch_size=global_batch_size, seed=0, train=False, shard_index=shard_index,
+                        shard_count=shard_count, num_epochs=1, num_threads=num_threads,
+                        prefetch_buffer_size=prefetch_buffer_size)
+
+
 def _use_default_absl_flags():
     """grain's worker processes read absl flags (--grain_*); outside absl.app (argparse CLI, pytest) nothing has
     parsed them, so accept their defaults instead of failing."""
-    from absl import flags
     if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
 
@@ -120,8 +154,6 @@ def global_batch_from_host(local_batch, mesh):
     """This host's batch (a pytree of numpy arrays) -> global jax.Arrays, leading axis over the mesh's data axes.
 
     Each host's rows land on its own devices; the global batch size is local size × number of hosts."""
-    import jax
-    from var_jax.sharding import batch_sharding, data_parallel_size
 
     def one(x):
         x = np.asarray(x)

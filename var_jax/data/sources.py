@@ -7,6 +7,12 @@
 
 Every source is a random-access sequence of {'image': uint8 (H, W, 3), 'label': int32} with a `num_classes`
 attribute; the grain pipeline (pipeline.py) applies the reference transforms.
+
+Training and held-out splits (`build_train_and_held_out`, what the trainer reads): with `split` / `eval_split`
+unset, each source trains on TRAIN_SPLITS and evaluates on HELD_OUT_SPLITS, which never overlap: digits 'train' /
+'test' (a fixed stratified 20%), shapes 'train' / 'val' (indices 0..9,999), folder 'train' / 'val' (a `val/`
+folder beside `train/`, else a hashed 2% of the files, left out of training; folder.py), TFDS 'train' /
+'validation'. `build_source` alone keeps each source's whole default split (digits 'all', folder 'all').
 """
 from __future__ import annotations
 
@@ -14,7 +20,11 @@ from typing import Any, Mapping
 
 SOURCE_NAMES = ("digits", "shapes", "folder", "tfds")
 # Keys of the data config; pipeline options may share the dict, build_source ignores them.
-SOURCE_KEYS = ("name", "path", "tfds_name", "split", "data_dir", "image_size", "image_key", "label_key")
+SOURCE_KEYS = ("name", "path", "tfds_name", "split", "eval_split", "data_dir", "image_size", "image_key",
+               "label_key")
+# The splits the trainer uses when `split` / `eval_split` are unset: disjoint, so held-out images are never trained on.
+TRAIN_SPLITS = {"digits": "train", "shapes": "train", "folder": "train", "tfds": "train"}
+HELD_OUT_SPLITS = {"digits": "test", "shapes": "val", "folder": "val", "tfds": "validation"}
 PIPELINE_KEYS = ("hflip", "worker_count", "num_threads", "prefetch_buffer_size")
 
 
@@ -53,7 +63,7 @@ def build_source(config) -> tuple[Any, int]:
         from var_jax.data.folder import ImageFolderSource
         path = _required(config, "path", "for name='folder' (a directory with one sub-folder per class)")
         try:
-            source = ImageFolderSource(path)
+            source = ImageFolderSource(path, split=split or "all")
         except (FileNotFoundError, ValueError) as error:
             raise type(error)(f"data config field 'path': {error}") from error
     elif name == "tfds":
@@ -65,3 +75,19 @@ def build_source(config) -> tuple[Any, int]:
     else:
         raise ValueError(f"data config field 'name' must be one of {SOURCE_NAMES}, got {name!r}")
     return source, int(source.num_classes)
+
+
+def build_train_and_held_out(config, *, held_out: bool = True) -> tuple[Any, Any, int]:
+    """(training source, held-out source or None, num_classes): `split` / `eval_split` default to the source's
+    TRAIN_SPLITS / HELD_OUT_SPLITS entries (see the module docstring)."""
+    config = _as_dict(config)
+    name = _required(config, "name", f"(one of {SOURCE_NAMES})")
+    if name not in SOURCE_NAMES:
+        raise ValueError(f"data config field 'name' must be one of {SOURCE_NAMES}, got {name!r}")
+    train, num_classes = build_source({**config, "split": config.get("split") or TRAIN_SPLITS[name]})
+    if not held_out:
+        return train, None, num_classes
+    evaluation, eval_classes = build_source({**config, "split": config.get("eval_split") or HELD_OUT_SPLITS[name]})
+    if eval_classes != num_classes:
+        raise ValueError(f"the held-out split has {eval_classes} classes, the training split {num_classes}")
+    return train, evaluation, num_classes

@@ -10,7 +10,8 @@ run counts once it has exported WORKDIR/model/config.json. Per run:
   and `pos_1LC`, and the scale table `lvl_embed`; everything else counts (blocks, their AdaLN, the head's
   AdaLN and the output head). `params_total` is every parameter.
 - flops (C): training compute, var_jax.train.var.flops.var_train_flops_per_example (matmuls, forward + backward,
-  tokenizer excluded) × batch_size (WORKDIR/config.json) × the last logged step (metrics.jsonl).
+  tokenizer excluded) × batch_size (WORKDIR/train_config.json; config.json in older workdirs) × the last logged
+  step (metrics.jsonl).
 - val_loss / val_loss_last / val_err / val_err_last: the last logged `val/loss`, `val/loss_last`, `val/acc`,
   `val/acc_last` (held-out evaluation; accuracies in %, as the training metrics log them; error = 1 - acc/100).
   A run that logged none falls back to the training metrics `Lm`, `Lt`, `Accm`, `Acct`, averaged over its last
@@ -46,7 +47,8 @@ BOOTSTRAP_SAMPLES = 2000
 BOOTSTRAP_SEED = 0
 CI_LEVEL = 0.95
 FLAT_TOLERANCE = 1e-9       # relative spread of log y below which y counts as constant (float round-off)
-MODEL_DIR, RUN_CONFIG, METRICS_FILE = "model", "config.json", "metrics.jsonl"
+MODEL_DIR, RUN_CONFIG, METRICS_FILE = "model", "train_config.json", "metrics.jsonl"   # var_jax.train.trainer's
+OLD_RUN_CONFIG = "config.json"      # the run config's name in workdirs from before train_config.json
 LABELS = {"params": "non-embedding parameters N", "flops": "training compute C (FLOPs)",
           "val_loss": "held-out loss (all tokens)", "val_loss_last": "held-out loss (last scale)",
           "val_err": "token error rate (all tokens)", "val_err_last": "token error rate (last scale)"}
@@ -169,7 +171,10 @@ def collect_run(run_dir) -> dict:
     model_config = read_model_config(run_dir / MODEL_DIR)
     if not model_config.get("var"):
         raise ValueError(f"{run_dir / MODEL_DIR}: holds no VAR transformer (a tokenizer run?)")
-    run_config = json.loads((run_dir / RUN_CONFIG).read_text())
+    run_config_path = run_dir / RUN_CONFIG
+    if not run_config_path.exists():
+        run_config_path = run_dir / OLD_RUN_CONFIG
+    run_config = json.loads(run_config_path.read_text())
     records = read_metrics(run_dir / METRICS_FILE)
     if not records:
         raise ValueError(f"{run_dir / METRICS_FILE}: no records")

@@ -14,29 +14,43 @@ Unreadable checkpoints: `restore_latest` tries the newest first and falls back t
 skipped and why; once an older one is read, the skipped ones are moved to WORKDIR/checkpoints_unreadable/ so
 they are neither retried nor kept in place of good ones. With none readable the run stops (nothing is moved). (Orbax writes a step into a temporary directory renamed on commit, so a save
 interrupted by SIGKILL leaves no step directory orbax would list.)
+
+Best model (`BestModel`): with held-out evaluation on, the model whose evaluation gave the lowest value of the
+stage's metric (`val/loss` for VAR, `val/rec_loss` for the tokenizer) is exported as a model directory,
+WORKDIR/best_model (loadable like WORKDIR/model), and WORKDIR/best_model.json records its step and metrics. It is
+kept apart from the checkpoint manager on purpose: resuming always continues from the *latest* checkpoint, and the
+`keep` newest checkpoints are never deleted in favour of a better one. A run killed after exporting a best model
+but before its checkpoint committed replays that step bit for bit, so the kept model stays the right one.
 """
 from __future__ import annotations
 
 import json
 from typing import Any
 
+import math
+
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 from var_jax.data.pipeline import checkpoint_restore_args, checkpoint_save_args
 from var_jax.paths import atomic_write_text, user_path
-from var_jax.train.stage import TrainingError
+from var_jax.train.stage import NonFiniteError, TrainingError
+from var_jax.train.state import tree_all_finite
 
 MODEL_CONFIG_FILE = "model_config.json"       # the model config alone (older workdirs have only this)
 RUN_CONFIG_FILE = "run_config.json"           # {"model": ..., "run": ...}
 UNREADABLE_DIR = "checkpoints_unreadable"
+BEST_MODEL_DIR = "best_model"                 # a model directory (var_jax.checkpoints), like WORKDIR/model
+BEST_MODEL_FILE = "best_model.json"           # {"step", "metric", "value", "metrics"} of WORKDIR/best_model
 
 # Config fields that may change between a run and its resumption: they do not change what is computed (or, for
 # total_steps, the user extends a run on purpose). Dotted names for nested fields.
 RUN_SETTINGS = ("total_steps", "log_every", "checkpoint_every", "sample_every", "keep_checkpoints",
                 "num_sample_images", "max_nonfinite_steps", "peak_flops", "mesh", "compute_dtype",
-                "model.remat", "model.attention_impl", "data.worker_count", "tokenizer_checkpoint")
+                "model.remat", "model.attention_impl", "data.worker_count", "tokenizer_checkpoint",
+                "eval_every", "eval_batch_size", "eval_class_dropout", "data.eval_split")
 
 
 class CheckpointMismatch(ValueError):
@@ -77,7 +91,6 @@ def _one_line(error: BaseException) -> str:
 
 @jax.jit
 def _all_finite(params):
-    from var_jax.train.state import tree_all_finite
     return tree_all_finite(params)
 
 
@@ -186,7 +199,6 @@ class TrainCheckpointer:
                 destination, n = target / f"{step}.{n}", n + 1
             (self.directory / str(step)).rename(destination)
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
             multihost_utils.sync_global_devices(f"var_jax checkpoint {step} moved aside")
         self.manager.reload()
 
@@ -201,5 +213,28 @@ class TrainCheckpointer:
 def check_finite(state, what: str):
     """Raise NonFiniteError unless every parameter of `state` is finite (one fused reduction on the device)."""
     if not bool(_all_finite(state.params)):
-        from var_jax.train.stage import NonFiniteError
         raise NonFiniteError(f"refusing to write the {what}: it holds a non-finite parameter")
+
+
+class BestModel:
+    """Keeps WORKDIR/best_model: the exported model of the evaluation with the lowest `metric` so far (see the
+    module docstring). `export(state, directory)` is the stage's model export."""
+
+    def __init__(self, workdir, metric: str, export):
+        self.directory, self.record = user_path(workdir) / BEST_MODEL_DIR, user_path(workdir) / BEST_MODEL_FILE
+        self.metric, self.export = metric, export
+        self.best = json.loads(self.record.read_text())["value"] if self.record.exists() else None
+
+    def update(self, step: int, metrics: dict, state) -> bool:
+        """Export `state` when metrics[metric] beats the best so far; returns whether it did. Every process
+        decides alike (the same metrics and record), so the export's collective save runs on all of them."""
+        value = float(metrics[self.metric])
+        if not math.isfinite(value) or (self.best is not None and value >= self.best):
+            return False
+        check_finite(state, f"best model at step {step}")
+        self.export(state, self.directory)
+        if jax.process_index() == 0:
+            atomic_write_text(self.record, json.dumps({"step": int(step), "metric": self.metric, "value": value,
+                                                       "metrics": metrics}, indent=2, sort_keys=True) + "\n")
+        self.best = value
+        return True

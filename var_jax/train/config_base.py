@@ -67,9 +67,10 @@ def var_model_config(depth: int, **overrides) -> ml_collections.ConfigDict:
 
 
 def data_config(**overrides) -> ml_collections.ConfigDict:
-    """Fields of var_jax.data.build_source / make_dataset ('' = unset)."""
-    cfg = ml_collections.ConfigDict(dict(name="digits", path="", tfds_name="", split="", data_dir="", image_size=32,
-                                         hflip=False, worker_count=0))
+    """Fields of var_jax.data.build_source / make_dataset ('' = unset). split / eval_split: the training and
+    held-out splits, '' = the source's (data/sources.TRAIN_SPLITS / HELD_OUT_SPLITS: disjoint)."""
+    cfg = ml_collections.ConfigDict(dict(name="digits", path="", tfds_name="", split="", eval_split="", data_dir="",
+                                         image_size=32, hflip=False, worker_count=0))
     cfg.update(overrides)
     return cfg
 
@@ -85,6 +86,9 @@ def base_config(stage: str = "var") -> ml_collections.ConfigDict:
         checkpoint_every=500,
         keep_checkpoints=3,
         sample_every=0,              # steps between PNG sample grids (0 = off)
+        eval_every=-1,               # steps between held-out evaluations and at the end (-1: checkpoint_every, 0: off)
+        eval_batch_size=0,           # global batch of the held-out evaluation (0 = batch_size)
+        eval_class_dropout=False,    # VAR: drop class labels at cond_drop_rate in evaluation too, as the reference does
         max_nonfinite_steps=20,      # stop after this many steps in a row with a non-finite loss or gradient
         num_sample_images=16,
         mesh=(-1, 1, 1),             # (data, fsdp, tensor); one size may be -1

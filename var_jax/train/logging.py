@@ -1,6 +1,10 @@
 """Where training metrics go: WORKDIR/metrics.jsonl (one JSON object per logged step), TensorBoard event files
 (WORKDIR/tensorboard, tensorboardX) and a tqdm progress bar with ETA. Only process 0 writes.
 
+Held-out metrics (`val/...`, train/held_out.py) go into the record of the step they were computed at (the
+trainer logs every evaluated step), under TensorBoard tags of the same name (training scalars are `train/KEY`),
+and the progress bar keeps showing the latest `val/loss` (VAR) or `val/rec_loss` (tokenizer).
+
 On resume, metrics.jsonl is cut back to the steps at or before the restored checkpoint, so a run killed and
 restarted leaves the same file as an uninterrupted one.
 """
@@ -9,11 +13,16 @@ from __future__ import annotations
 import json
 import math
 import time
+
 import jax
+from tqdm import tqdm
 
 from var_jax.paths import atomic_write_text, user_path
 
 METRICS_FILE = "metrics.jsonl"
+# Shown on the progress bar when present; the held-out ones stay shown until the next evaluation.
+BAR_KEYS = ("loss", "Accm", "lr", "images_per_s")
+BAR_HELD_OUT_KEYS = ("val/loss", "val/rec_loss")
 
 
 def truncate_metrics(path, last_step: int):
@@ -47,6 +56,7 @@ class MetricLogger:
         self.peak_flops = peak_flops
         self._last_time, self._last_step = time.perf_counter(), start_step
         self._file = self._tb = self._bar = None
+        self._held_out_shown = {}
         if not self.enabled:
             return
         workdir = user_path(workdir)
@@ -56,12 +66,16 @@ class MetricLogger:
         from tensorboardX import SummaryWriter
         self._tb = SummaryWriter(str(workdir / "tensorboard"))
         if progress:
-            from tqdm import tqdm
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
     def tick(self, steps: int = 1):
         if self._bar is not None:
             self._bar.update(steps)
+
+    def restart_clock(self):
+        """Start the next throughput interval now: time spent outside training steps (held-out evaluation)
+        is not counted as step time."""
+        self._last_time = time.perf_counter()
 
     def throughput(self, step: int) -> dict:
         """Images/s (and tokens/s, FLOP/s, MFU when known) since the previous call."""
@@ -90,9 +104,10 @@ class MetricLogger:
         self._file.flush()
         for key, value in metrics.items():
             if isinstance(value, float):
-                self._tb.add_scalar(f"train/{key}", value, step)
+                self._tb.add_scalar(key if key.startswith("val/") else f"train/{key}", value, step)
         if self._bar is not None:
-            shown = {k: metrics[k] for k in ("loss", "Accm", "lr", "images_per_s") if k in metrics}
+            self._held_out_shown.update({k: metrics[k] for k in BAR_HELD_OUT_KEYS if k in metrics})
+            shown = {**{k: metrics[k] for k in BAR_KEYS if k in metrics}, **self._held_out_shown}
             self._bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if isinstance(v, float)})
         return metrics
 

@@ -6,6 +6,8 @@ A stage is built from the config and the mesh before anything is compiled; the t
   make_batch(local, step)  -> the global device batch from this host's numpy batch
   export(state, directory) -> write the final model directory (var_jax.checkpoints.save_model_dir)
   sample(state, step)      -> optional: images in [0, 1] (N, H, W, 3) numpy for a PNG grid, or None
+  evaluate(state, batches) -> optional: {'val/...': float} over the held-out host batches (train/held_out.py);
+                              the model with the lowest `best_metric` is kept as WORKDIR/best_model
 """
 from __future__ import annotations
 
@@ -44,6 +46,8 @@ class Stage:
     flops_per_example: float | None = None
     sample: Callable[[Any, int], Any] | None = None
     describe: str = ""
+    evaluate: Callable[[Any, Any], dict] | None = None
+    best_metric: str = ""
 
 
 def check_positive(config, *fields: str):
@@ -53,15 +57,15 @@ def check_positive(config, *fields: str):
             raise ConfigError(f"{field}: must be a positive integer, got {value!r}")
 
 
-def check_batch_divides(batch_size: int, mesh):
+def check_batch_divides(batch_size: int, mesh, field: str = "batch_size"):
     """The global batch must split evenly over the data-parallel devices and over the hosts."""
     from var_jax.sharding import data_parallel_size
     dp = data_parallel_size(mesh)
     if batch_size % dp:
-        raise ConfigError(f"batch_size: {batch_size} is not divisible by the {dp} data-parallel devices of the "
+        raise ConfigError(f"{field}: {batch_size} is not divisible by the {dp} data-parallel devices of the "
                           f"mesh {tuple(mesh.shape.values())} (data × fsdp)")
     if batch_size % jax.process_count():
-        raise ConfigError(f"batch_size: {batch_size} is not divisible by the {jax.process_count()} processes")
+        raise ConfigError(f"{field}: {batch_size} is not divisible by the {jax.process_count()} processes")
 
 
 def load_tokenizer_for(config, mesh=None):

@@ -1,6 +1,14 @@
 """The training loop, for either stage; reads top to bottom as the story of a run:
-config -> mesh -> data -> stage (models, optimizer, step) -> restore or init -> loop (step, log, checkpoint,
-sample) -> final checkpoint and exported model directory (WORKDIR/model).
+config -> mesh -> data -> stage (models, optimizer, step) -> restore or init -> loop (step, held-out evaluation,
+log, checkpoint, sample) -> final checkpoint and exported model directory (WORKDIR/model).
+
+A workdir holds train_config.json (the run's whole config; workdirs from before it was named so hold it as
+config.json, the name a *model* directory uses for its own config), metrics.jsonl, tensorboard/, checkpoints/,
+samples/, model/ once finished, and best_model/ + best_model.json with held-out evaluation on.
+
+Held-out evaluation (train/held_out.py): every `eval_every` steps and at the last step, before that step's
+checkpoint, the stage evaluates on the whole held-out split; the `val/...` metrics join that step's metrics.jsonl
+record and the best model by the stage's metric is kept (checkpointing.BestModel).
 
 Resuming: rerunning with the same workdir continues from the latest readable checkpoint (model, optimizer, step,
 RNG, fault counters, data iterator position), so the resumed run sees the same batches and logs the same losses;
@@ -16,18 +24,27 @@ step it has just dispatched.
 from __future__ import annotations
 
 import signal
+import time
 
 import jax
-import numpy as np
+from jax.experimental import multihost_utils
 
+from var_jax.data.pipeline import make_dataset, make_eval_dataset
+from var_jax.data.sources import build_train_and_held_out
+from var_jax.images import image_grid, save_grid, to_uint8
 from var_jax.paths import atomic_write_text, user_path
+from var_jax.sharding import make_mesh
+from var_jax.train.checkpointing import BestModel, TrainCheckpointer, check_finite, run_identity
+from var_jax.train.held_out import eval_settings
+from var_jax.train.logging import MetricLogger
 from var_jax.train.stage import ConfigError, NonFiniteError, Stage, check_positive
 from var_jax.train.tokenizer.stage import build_tokenizer_stage
 from var_jax.train.var.stage import build_var_stage
 
-# config.stage -> "module:function" building the Stage (config, mesh, dataset_classes) -> Stage.
+# config.stage -> the function building the Stage (config, mesh, dataset_classes) -> Stage.
 STAGE_BUILDERS = {"var": build_var_stage, "tokenizer": build_tokenizer_stage}
 MODEL_DIR = "model"
+TRAIN_CONFIG_FILE = "train_config.json"      # the run's config; a model directory's own is config.json
 
 
 def validate_config(config):
@@ -39,10 +56,10 @@ def validate_config(config):
         check_positive(config, "max_nonfinite_steps")
     if int(config.sample_every) < 0:
         raise ConfigError(f"sample_every: must be >= 0, got {config.sample_every}")
+    eval_settings(config)
 
 
 def build_mesh(config):
-    from var_jax.sharding import make_mesh
     try:
         return make_mesh(tuple(config.mesh))
     except (ValueError, TypeError) as e:
@@ -50,18 +67,22 @@ def build_mesh(config):
 
 
 def build_data(config):
-    """(iterator over this host's batches, number of classes) from `config.data`."""
-    from var_jax.data.pipeline import make_dataset
-    from var_jax.data.sources import build_source
+    """(iterator over this host's training batches, the held-out dataset or None, number of classes) from
+    `config.data`: the training split never holds a held-out image (data/sources.build_train_and_held_out)."""
     data = {k: v for k, v in config.data.to_dict().items()}
+    evaluation = eval_settings(config)
     try:
-        source, num_classes = build_source({k: v for k, v in data.items() if v not in ("", None)})
+        source, held_out, num_classes = build_train_and_held_out(
+            {k: v for k, v in data.items() if v not in ("", None)}, held_out=bool(evaluation.every))
         dataset = make_dataset(source, image_size=int(data["image_size"]), global_batch_size=int(config.batch_size),
                                seed=int(config.seed), train=True, hflip=bool(data.get("hflip", False)),
                                worker_count=int(data.get("worker_count", 0)))
+        if held_out is not None:
+            held_out = make_eval_dataset(held_out, image_size=int(data["image_size"]),
+                                         global_batch_size=evaluation.batch_size)
     except (ValueError, KeyError, FileNotFoundError, TypeError) as e:
         raise ConfigError(f"data: {e}") from None
-    return iter(dataset), num_classes
+    return iter(dataset), held_out, num_classes
 
 
 def build_stage(config, mesh, num_classes) -> Stage:
@@ -86,7 +107,6 @@ class _Preemption:
     def reached(self, step: int) -> bool:
         if not self.multi_process:
             return self.requested
-        from jax.experimental import multihost_utils
         return multihost_utils.reached_preemption_sync_point(step)
 
     def restore(self):
@@ -122,16 +142,14 @@ class _NonFiniteWatch:
 
 def train(config, workdir) -> dict:
     """Run (or resume) training; returns the last logged metrics."""
-    from var_jax.train.checkpointing import TrainCheckpointer, check_finite, run_identity
-    from var_jax.train.logging import MetricLogger
-
     workdir = user_path(workdir)
     validate_config(config)
     mesh = build_mesh(config)
-    data_iter, num_classes = build_data(config)
+    data_iter, held_out, num_classes = build_data(config)
     stage = build_stage(config, mesh, num_classes)
+    eval_every = eval_settings(config).every if stage.evaluate is not None else 0
 
-    # The resume guard runs before anything in the workdir is written (config.json, metrics.jsonl).
+    # The resume guard runs before anything in the workdir is written (train_config.json, metrics.jsonl).
     checkpointer = TrainCheckpointer(workdir, keep=int(config.keep_checkpoints), model_config=stage.model_config,
                                      run_config=run_identity(config))
     try:
@@ -144,7 +162,7 @@ def train(config, workdir) -> dict:
         checkpointer.close()
         raise
     if jax.process_index() == 0:
-        atomic_write_text(workdir / "config.json", config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+        atomic_write_text(workdir / TRAIN_CONFIG_FILE, config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
     total = int(config.total_steps)
     logger = MetricLogger(workdir, total_steps=total, start_step=start, batch_size=int(config.batch_size),
                           tokens_per_example=stage.tokens_per_example, flops_per_example=stage.flops_per_example,
@@ -154,6 +172,7 @@ def train(config, workdir) -> dict:
     elif jax.process_index() == 0:
         print(f"[train] resuming from step {start} of {total}", flush=True)
 
+    best = BestModel(workdir, stage.best_metric, stage.export) if eval_every else None
     preemption = _Preemption()
     nonfinite = _NonFiniteWatch(int(config.get("max_nonfinite_steps", 20)))
     last = {}
@@ -166,11 +185,15 @@ def train(config, workdir) -> dict:
                 step += 1
                 logger.tick()
                 stop = preemption.reached(step)
-                log_now = step % int(config.log_every) == 0 or step == total
+                eval_now = bool(eval_every) and (step % eval_every == 0 or step == total)
+                log_now = step % int(config.log_every) == 0 or step == total or eval_now
                 save_now = step % int(config.checkpoint_every) == 0 or step == total or stop
                 nonfinite.check(step, metrics, now=log_now or save_now)   # those steps sync anyway
                 if log_now:
-                    last = logger.write(step, {**metrics, **logger.throughput(step)})
+                    logged = {**metrics, **logger.throughput(step)}
+                    if eval_now:   # before the checkpoint: a resumed run never lacks the record of a saved step
+                        logged.update(_evaluate(stage, state, held_out, step, best, logger))
+                    last = logger.write(step, logged)
                 if stage.sample is not None and step % int(config.sample_every) == 0:
                     _write_samples(stage, state, step, workdir, logger)
                 if save_now:
@@ -195,8 +218,19 @@ def _print0(message: str):
         print(message, flush=True)
 
 
+def _evaluate(stage: Stage, state, held_out, step: int, best: BestModel, logger: MetricLogger) -> dict:
+    """The held-out metrics of `state` (one pass over `held_out`); keeps the best model."""
+    started = time.perf_counter()
+    metrics = stage.evaluate(state, iter(held_out))
+    best.update(step, metrics, state)
+    logger.restart_clock()
+    summary = {k: v for k, v in metrics.items() if not any(c.isdigit() for c in k)}   # per-scale: metrics.jsonl
+    _print0(f"[train] step {step}: held-out " + ", ".join(f"{k[4:]} {v:.4g}" for k, v in summary.items())
+            + f" ({time.perf_counter() - started:.1f} s)")
+    return metrics
+
+
 def _write_samples(stage: Stage, state, step: int, workdir, logger):
-    from var_jax.images import image_grid, save_grid, to_uint8
     images = stage.sample(state, step)
     if images is None or jax.process_index() != 0:
         return

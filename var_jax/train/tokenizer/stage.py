@@ -18,16 +18,21 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from var_jax.sharding import state_shardings
+from var_jax.checkpoints import model_parts, save_model_dir
+from var_jax.data.pipeline import global_batch_from_host
+from var_jax.sharding import replicated, state_shardings
 from var_jax.tokenizer.config import TokenizerConfig
+from var_jax.tokenizer.vqvae import image_to_tokens, tokens_to_image
+from var_jax.train import optimizer
+from var_jax.train.held_out import eval_settings, make_evaluator
+from var_jax.train.stage import ConfigError, Stage, check_batch_divides, load_tokenizer_for
+from var_jax.train.state import jit_train_step, param_count
 from var_jax.train.tokenizer.discriminator import logit_grid_size
+from var_jax.train.tokenizer.evaluate import make_tokenizer_eval_step, tokenizer_val_metrics
+from var_jax.train.tokenizer.lpips import load_lpips
 from var_jax.train.tokenizer.state import (DiscriminatorConfig, TokenizerTrainModules, init_tokenizer_state,
                                               make_tokenizer_optimizer, tokenizer_state_layout, warm_start)
 from var_jax.train.tokenizer.step import TokenizerLossConfig, make_tokenizer_train_step
-from var_jax.train import optimizer
-from var_jax.train.stage import ConfigError, Stage, check_batch_divides
-from var_jax.checkpoints import model_parts
-from var_jax.train.state import jit_train_step, param_count
 
 
 def _section(config, name: str, cls):
@@ -53,7 +58,6 @@ def _lpips(config, loss_cfg, mesh):
     """(merge fn, frozen params, their shardings), or Nones when LPIPS is off."""
     if not loss_cfg.use_lpips:
         return None, None, None
-    from var_jax.train.tokenizer.lpips import load_lpips
     for field in ("vgg_path", "lin_path"):
         if not config.lpips.get(field):
             raise ConfigError(f"lpips.{field}: required when loss.lpips_weight > 0 (LPIPS weights are never "
@@ -69,11 +73,10 @@ def _lpips(config, loss_cfg, mesh):
 
 
 def build_tokenizer_stage(config, mesh, dataset_classes: int) -> Stage:
-    from var_jax.checkpoints import save_model_dir
-
     del dataset_classes   # the tokenizer ignores labels
     batch_size, total_steps, image_size = int(config.batch_size), int(config.total_steps), int(config.data.image_size)
     check_batch_divides(batch_size, mesh)
+    eval_cfg = eval_settings(config, mesh)
     tok_cfg, pretrained = tokenizer_config_from(config)
     if tok_cfg.dropout > 0:
         raise ConfigError("tokenizer.dropout: the tokenizer trainer does not support dropout (set it to 0)")
@@ -110,6 +113,15 @@ def build_tokenizer_stage(config, mesh, dataset_classes: int) -> Stage:
         return state if pretrained is None else warm_start(state, pretrained, layout)
 
     make_batch, sample = _reconstruction_grid(config, parts, mesh)
+    evaluate = None
+    if eval_cfg.every:
+        size = eval_cfg.batch_size
+        evaluate = make_evaluator(
+            make_tokenizer_eval_step(parts.merge, tok_cfg, loss_cfg.recon_kind),
+            lambda sums: tokenizer_val_metrics(sums, tok_cfg.patch_nums), mesh=mesh,
+            param_shardings=layout.shardings.params, frozen=None, frozen_shardings=None,
+            batch_example={"image": jax.ShapeDtypeStruct((size, image_size, image_size, 3), np.float32),
+                           "mask": jax.ShapeDtypeStruct((size,), np.float32)})
 
     def export(state, directory):
         save_model_dir(directory, tokenizer=(tok_cfg, parts.merge(state.params).generator), overwrite=True)
@@ -121,7 +133,8 @@ def build_tokenizer_stage(config, mesh, dataset_classes: int) -> Stage:
         extras.append(f"warm start from {config.tokenizer_checkpoint}")
     return Stage(
         name="tokenizer", layout=layout, init=init, step_fn=lambda _: step,
-        make_batch=make_batch, frozen=lpips_params, export=export, sample=sample,
+        make_batch=make_batch, frozen=lpips_params, export=export, sample=sample, evaluate=evaluate,
+        best_metric="val/rec_loss",
         model_config={"tokenizer": tok_cfg.to_dict(),
                       "discriminator": dataclasses.asdict(disc_cfg) if disc_cfg else None},
         describe=f"tokenizer ch {tok_cfg.ch} x {tok_cfg.ch_mult}, V={tok_cfg.vocab_size}, Cvae={tok_cfg.z_channels}, "
@@ -131,10 +144,6 @@ def build_tokenizer_stage(config, mesh, dataset_classes: int) -> Stage:
 def _reconstruction_grid(config, parts, mesh):
     """(make_batch, sample): the first global batch's first images are kept, and `sample` returns them beside
     their current reconstructions (originals then reconstructions, [0, 1]) for the trainer's PNG grid."""
-    from var_jax.data.pipeline import global_batch_from_host
-    from var_jax.sharding import replicated
-    from var_jax.tokenizer.vqvae import image_to_tokens, tokens_to_image
-
     count = min(int(config.num_sample_images), int(config.batch_size))
     kept = {}
 

@@ -44,10 +44,15 @@ def weighted_loss(per_token, weights):
     return jnp.mean(jnp.sum(per_token * weights[None, :], axis=-1))
 
 
+def token_correct(logits, targets):
+    """(B, L) float32: 1.0 where the top-1 prediction is the target token."""
+    return (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+
+
 def var_metrics(logits, targets, last_len: int) -> dict:
     """Lm, Lt, Accm, Acct as the reference logs them (no label smoothing, accuracies in %)."""
     ce = token_cross_entropy(logits, targets)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    correct = token_correct(logits, targets)
     return {
         "Lm": jnp.mean(ce), "Lt": jnp.mean(ce[:, -last_len:]),
         "Accm": 100.0 * jnp.mean(correct), "Acct": 100.0 * jnp.mean(correct[:, -last_len:]),

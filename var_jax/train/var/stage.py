@@ -6,16 +6,23 @@ import dataclasses
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from var_jax.checkpoints import model_parts, save_model_dir
+from var_jax.data.pipeline import global_batch_from_host
+from var_jax.sample.sampler import SampleOptions, make_sample_fn
 from var_jax.sharding import replicated, state_shardings
 from var_jax.train import optimizer
-from var_jax.train.var import flops
-from var_jax.train.var.progressive import progressive_from_config
+from var_jax.train.held_out import eval_settings, make_evaluator
 from var_jax.train.stage import ConfigError, Stage, check_batch_divides, load_tokenizer_for
 from var_jax.train.state import abstract_train_state, init_train_state, jit_train_step
+from var_jax.train.var import flops
+from var_jax.train.var.evaluate import make_var_eval_step, var_val_metrics
 from var_jax.train.var.loss import token_weights
+from var_jax.train.var.progressive import progressive_from_config
 from var_jax.train.var.step import VarStepConfig, make_tokenizer_fn, make_var_train_step
+from var_jax.transformer import VAR, RunSettings, VARConfig, preset
+from var_jax.transformer.config import RUN_SETTINGS
 
 # VARConfig fields that the config's `model` section may set; -1 means "derive" (see configs/common.py).
 _DERIVED = ("width", "heads", "num_classes", "drop_path_rate", "init_adaln_gamma")
@@ -23,7 +30,6 @@ _DERIVED = ("width", "heads", "num_classes", "drop_path_rate", "init_adaln_gamma
 
 def run_settings_from(config):
     """The run settings of a training config: `compute_dtype`, `model.remat`, `model.attention_impl`."""
-    from var_jax.transformer import RunSettings
     try:
         return RunSettings(compute_dtype=config.compute_dtype, remat=config.model.get("remat", "none"),
                            attention_impl=config.model.get("attention_impl", "auto")).resolved()
@@ -34,8 +40,6 @@ def run_settings_from(config):
 def var_config_from(config, tok_cfg, dataset_classes: int):
     """VARConfig from the `model` section: -1 fields derived from depth, the tokenizer and the dataset; the run
     settings from `run_settings_from`."""
-    from var_jax.transformer import VARConfig, preset
-    from var_jax.transformer.config import RUN_SETTINGS
     m = {k: v for k, v in dict(config.model).items() if k not in RUN_SETTINGS}
     num_classes = int(m.pop("num_classes"))
     if num_classes == -1:
@@ -57,10 +61,8 @@ def var_config_from(config, tok_cfg, dataset_classes: int):
 
 
 def build_var_stage(config, mesh, dataset_classes: int) -> Stage:
-    from var_jax.data.pipeline import global_batch_from_host
-    from var_jax.transformer import VAR
-
     check_batch_divides(int(config.batch_size), mesh)
+    eval_cfg = eval_settings(config, mesh)
     tok_cfg, tokenizer = load_tokenizer_for(config, mesh)
     var_cfg = var_config_from(config, tok_cfg, dataset_classes)
     step_cfg = VarStepConfig(patch_nums=var_cfg.patch_nums, label_smoothing=float(config.loss.label_smoothing),
@@ -124,16 +126,33 @@ def build_var_stage(config, mesh, dataset_classes: int) -> Stage:
         step_fn=step_fn, make_batch=make_batch, frozen=tok_state, export=export,
         model_config={"var": var_cfg.to_dict(), "tokenizer": tok_cfg.to_dict()},
         tokens_per_example=var_cfg.seq_len, flops_per_example=flops.var_train_flops_per_example(var_cfg),
-        sample=sample_fn,
+        sample=sample_fn, best_metric="val/loss",
+        evaluate=_make_evaluator(config, eval_cfg, mesh, parts, layout, var_cfg, tokenize, tok_state, tok_shardings),
         describe=f"VAR depth {var_cfg.depth} width {var_cfg.width} ({var_cfg.compute_dtype}), L={var_cfg.seq_len}, "
                  f"V={var_cfg.vocab_size}")
+
+
+def _make_evaluator(config, eval_cfg, mesh, parts, layout, var_cfg, tokenize, tok_state, tok_shardings):
+    """The held-out evaluation (var/evaluate.py), or None when eval_every is 0."""
+    if not eval_cfg.every:
+        return None
+    size, image_size = eval_cfg.batch_size, int(config.data.image_size)
+    batch_example = {"image": jax.ShapeDtypeStruct((size, image_size, image_size, 3), np.float32),
+                     "label": jax.ShapeDtypeStruct((size,), np.int32),
+                     "mask": jax.ShapeDtypeStruct((size,), np.float32)}
+    if eval_cfg.class_dropout:
+        batch_example["index"] = jax.ShapeDtypeStruct((), np.int32)
+    step = make_var_eval_step(parts, var_cfg.patch_nums, tokenize, class_dropout=eval_cfg.class_dropout,
+                              seed=int(config.seed))
+    return make_evaluator(step, lambda sums: var_val_metrics(sums, var_cfg.patch_nums), mesh=mesh,
+                          param_shardings=layout.shardings.params, frozen=tok_state, frozen_shardings=tok_shardings,
+                          batch_example=batch_example)
 
 
 def _make_sampler(config, parts, var_cfg, tokenizer, tok_cfg):
     """Class-conditional samples for the PNG grid (var_jax.sample), or None when sampling is off."""
     if int(config.sample_every) <= 0:
         return None
-    from var_jax.sample.sampler import SampleOptions, make_sample_fn
 
     options = SampleOptions(cfg=1.5, top_k=min(900, var_cfg.vocab_size), top_p=0.96)
     tok_graphdef, tok_state = nnx.split(tokenizer)
@@ -146,7 +165,6 @@ def _make_sampler(config, parts, var_cfg, tokenizer, tok_cfg):
         out = fn(var_state, tok_state, labels, np.arange(n, dtype=np.int32), int(config.seed) + step)
         images = out["images"]
         if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
             images = multihost_utils.process_allgather(images, tiled=True)
         return np.asarray(jax.device_get(images))
     return sample
