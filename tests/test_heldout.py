@@ -6,12 +6,14 @@ import json
 import shutil
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
+from flax import nnx
 from PIL import Image
 
 from conftest import REPO_ROOT
-from var_jax.checkpoints import load_model_dir
+from var_jax.checkpoints import load_model_dir, model_parts, pure_dict, split_model
 from var_jax.cli import main
 from var_jax.data.digits import DigitsSource
 from var_jax.data.folder import ImageFolderSource
@@ -21,6 +23,9 @@ from var_jax.data.transforms import preprocess, to_model_range
 from var_jax.tokenizer import quantizer
 from var_jax.tokenizer.vqvae import image_to_tokens
 from var_jax.train.checkpointing import BEST_MODEL_DIR, BEST_MODEL_FILE, BestModel
+from var_jax.train.var.evaluate import make_var_eval_step
+from var_jax.train.var.step import make_tokenizer_fn
+from var_jax.transformer import VAR
 
 PATCH_NUMS = (1, 2, 3, 4)
 IMAGE_SIZE = 16
@@ -103,6 +108,29 @@ def test_best_model_is_the_lowest_val_loss_and_resume_continues_from_the_latest(
     assert var_train(var_run, tokenizer_dir, 6) == 0
     steps = [r["step"] for r in records(var_run)]
     assert steps == [2, 3, 4, 6] and "val/loss" in records(var_run)[-1]
+
+
+def test_class_dropout_in_evaluation_is_a_switch(var_run):
+    """eval_class_dropout=False conditions every image on its class; True drops labels as the reference's
+    evaluation does, the same ones at every evaluation (seeded by the batch's number in the pass)."""
+    bundle = load_model_dir(var_run / "model")
+    parts = model_parts(lambda rngs: VAR(bundle.var_config, rngs=rngs))
+    params = pure_dict(split_model(bundle.var)[1])
+    tok_graphdef, tok_state = nnx.split(bundle.tokenizer)
+    tokenize = make_tokenizer_fn(tok_graphdef, bundle.tokenizer.cfg)
+    source = DigitsSource(IMAGE_SIZE, split="test")
+    batch = {"image": np.stack([to_model_range(preprocess(source[i]["image"], IMAGE_SIZE, train=False))
+                                for i in range(64)]),
+             "label": np.array([source[i]["label"] for i in range(64)], np.int32), "mask": np.ones(64, np.float32),
+             "index": np.int32(0)}
+    frozen = nnx.to_pure_dict(tok_state)
+    run = lambda dropout, b=batch: jax.device_get(jax.jit(make_var_eval_step(
+        parts, PATCH_NUMS, tokenize, class_dropout=dropout))(params, b, frozen))
+    plain, dropped = run(False), run(True)
+    assert plain["images"] == dropped["images"] == 64
+    assert not np.allclose(plain["ce"], dropped["ce"], rtol=1e-7, atol=0)
+    np.testing.assert_array_equal(dropped["ce"], run(True)["ce"])
+    assert run(False, {**batch, "mask": np.zeros(64, np.float32)})["ce"].sum() == 0   # masked rows add nothing
 
 
 def test_best_model_keeps_the_minimum_across_restarts(tmp_path):
@@ -202,3 +230,6 @@ def test_folder_val_beside_train(tmp_path):
     train, held_out, _ = build_train_and_held_out({"name": "folder", "path": str(tmp_path / "data" / "train"),
                                                    "image_size": 8})
     assert len(train) == 6 and [label for _, label in held_out.samples] == [1]   # labelled by the train classes
+    # a folder too small for a hashed held-out share says how to go on
+    with pytest.raises(ValueError, match="eval_every=0"):
+        build_train_and_held_out({"name": "folder", "path": str(tmp_path / "data" / "val"), "image_size": 8})

@@ -87,7 +87,11 @@ def build_train_and_held_out(config, *, held_out: bool = True) -> tuple[Any, Any
     train, num_classes = build_source({**config, "split": config.get("split") or TRAIN_SPLITS[name]})
     if not held_out:
         return train, None, num_classes
-    evaluation, eval_classes = build_source({**config, "split": config.get("eval_split") or HELD_OUT_SPLITS[name]})
+    try:
+        evaluation, eval_classes = build_source({**config, "split": config.get("eval_split") or HELD_OUT_SPLITS[name]})
+    except ValueError as error:
+        raise ValueError(f"held-out split: {error} (set data.eval_split, or eval_every=0 to train without held-out "
+                         "evaluation)") from error
     if eval_classes != num_classes:
         raise ValueError(f"the held-out split has {eval_classes} classes, the training split {num_classes}")
     return train, evaluation, num_classes
