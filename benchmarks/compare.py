@@ -132,7 +132,8 @@ class Side:
 
 # --------------------------------------------------------------------------------------------------- var-jax
 
-def jax_matmul_peak(n: int, dtype: str, repeats: int = 5) -> float:
+def jax_matmul_peak(n: int, dtype: str, calls: int, rounds: int = 3) -> float:
+    """FLOP/s of `calls` back-to-back n×n×n matmuls (one wait at the end), best of `rounds`."""
     import jax
     import jax.numpy as jnp
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
@@ -140,11 +141,13 @@ def jax_matmul_peak(n: int, dtype: str, repeats: int = 5) -> float:
     f = jax.jit(lambda a, b: a @ b)
     f(a, b).block_until_ready()
     best = float("inf")
-    for _ in range(repeats):
+    for _ in range(rounds):
         t = time.perf_counter()
-        f(a, b).block_until_ready()
+        outs = [f(a, b) for _ in range(calls)]
+        jax.block_until_ready(outs)
         best = min(best, time.perf_counter() - t)
-    return 2.0 * n ** 3 / best
+        del outs
+    return 2.0 * n ** 3 * calls / best
 
 
 def jax_device_memory_hooks(gpu: bool):
@@ -365,21 +368,24 @@ class Reference:
                             p.zero_()
         return vae, var
 
-    def matmul_peak(self, n: int, dtype: str, repeats: int = 5) -> float:
+    def matmul_peak(self, n: int, dtype: str, calls: int, rounds: int = 3) -> float:
+        """As jax_matmul_peak: `calls` back-to-back matmuls, one synchronisation, best of `rounds`."""
         torch = self.torch
         dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
         a = torch.randn(n, n, device=self.device).to(dt)
         b = torch.randn(n, n, device=self.device).to(dt)
+        out = torch.empty(n, n, device=self.device, dtype=dt)
         with torch.inference_mode():
-            a @ b
+            torch.matmul(a, b, out=out)
             self.sync()
             best = float("inf")
-            for _ in range(repeats):
+            for _ in range(rounds):
                 t = time.perf_counter()
-                a @ b
+                for _ in range(calls):
+                    torch.matmul(a, b, out=out)
                 self.sync()
                 best = min(best, time.perf_counter() - t)
-        return 2.0 * n ** 3 / best
+        return 2.0 * n ** 3 * calls / best
 
     def train(self, depth: int, batch: int, with_tokenizer: bool):
         """Its trainer's step (trainer.VARTrainer.train_step without the logging, prog_si = -1)."""
@@ -461,6 +467,14 @@ class Reference:
 
 # -------------------------------------------------------------------------------------------------- driver
 
+def write_json(path, payload):
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(payload, fh, indent=1)
+    os.replace(tmp, path)
+
+
 def fmt_bytes(b):
     return f"{b / 2 ** 30:.2f}" if b else "-"
 
@@ -502,20 +516,22 @@ def main():
     import jax
     if gpu and jax.default_backend() != "gpu":
         raise SystemExit(f"--device gpu: JAX's default backend is {jax.default_backend()}")
+    jax.devices()   # JAX's backend (and its CUDA libraries) up before torch is imported
     ref = Reference(args.reference, gpu) if args.reference else None
     if ref and gpu and not ref.torch.cuda.is_available():
         raise SystemExit("--device gpu: torch sees no CUDA device")
 
     peak_dtype = "bfloat16" if gpu else "float32"
     n = args.matmul_n or (8192 if gpu else 2048)
+    calls = 20 if gpu else 2
     desc = f"jax {jax.__version__} ({jax.devices()[0].device_kind} x{jax.device_count()})"
     if ref:
         t = ref.torch
         desc += f", torch {t.__version__} ({t.cuda.get_device_name() if gpu else f'{t.get_num_threads()} threads'})"
     print(f"{desc}; {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}; repeats {args.repeats}")
-    peaks = {"var_jax": [jax_matmul_peak(n, peak_dtype)]}
+    peaks = {"var_jax": [jax_matmul_peak(n, peak_dtype, calls)]}
     if ref:
-        peaks["reference"] = [ref.matmul_peak(n, peak_dtype)]
+        peaks["reference"] = [ref.matmul_peak(n, peak_dtype, calls)]
     print("matmul peak at start (" + peak_dtype + f", {n}^3): "
           + ", ".join(f"{k} {v[0] / 1e9:.1f} GFLOP/s" for k, v in peaks.items()), flush=True)
 
@@ -577,15 +593,17 @@ def main():
         print(f"{name}: var-jax {fmt_s(jx.median)} s (compile {compile_s:.1f} s, warm-up {jx.warmup_s:.2f} s)"
               + (f", reference {fmt_s(rf.median)} s (warm-up {rf.warmup_s:.2f} s)" if rf else "") + ratio,
               flush=True)
+        if args.json:   # after every workload, so that a run cut short still leaves its records
+            write_json(args.json, {"records": records, "partial": True, "environment": desc, "args": vars(args)})
         del sides, run
         if ref:
             del ref_run
             if gpu:
                 ref.torch.cuda.empty_cache()
 
-    peaks["var_jax"].append(jax_matmul_peak(n, peak_dtype))
+    peaks["var_jax"].append(jax_matmul_peak(n, peak_dtype, calls))
     if ref:
-        peaks["reference"].append(ref.matmul_peak(n, peak_dtype))
+        peaks["reference"].append(ref.matmul_peak(n, peak_dtype, calls))
     peak = {k: statistics.mean(v) for k, v in peaks.items()}
     print("matmul peak at end: " + ", ".join(f"{k} {v[1] / 1e9:.1f} GFLOP/s" for k, v in peaks.items())
           + "; '% peak' below: analytic FLOPs / median time / the higher framework's mean of start and end "
@@ -627,10 +645,9 @@ def main():
     print(f"\nmatmul peak ({peak_dtype}): " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peak.items())
           + f"; load average at end {os.getloadavg()[0]:.1f}")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump({"records": records, "matmul_peak_flops_per_s": peak, "matmul_peak_dtype": peak_dtype,
-                       "environment": desc, "args": vars(args)}, fh, indent=1)
+        write_json(args.json, {"records": records, "partial": False, "matmul_peak_flops_per_s": peak,
+                               "matmul_peak_samples_flops_per_s": peaks, "matmul_peak_dtype": peak_dtype,
+                               "environment": desc, "args": vars(args)})
         print(f"wrote {args.json}")
 
 
