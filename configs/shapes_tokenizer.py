@@ -14,11 +14,4 @@ from var_jax.train import config_base
 
 def get_config(arg=None):
     arg = config_base.parse_arg(arg, batch=32, steps=1000, lr=2e-3, image_size=32, latent=4, vocab=512)
-    config = config_base.small_tokenizer_config(
-        batch=arg.batch, steps=arg.steps, lr=arg.lr, vocab=arg.vocab,
-        data=config_base.data_config(name="shapes", image_size=arg.image_size, split="train"),
-        patch_nums=config_base.small_patch_nums(arg.latent),
-        ch_mult=config_base.downsampling_ch_mult(arg.image_size, arg.latent))
-    config.checkpoint_every = 500
-    config.sample_every = 500          # PNG grid: originals, then their reconstructions
-    return config
+    return config_base.shapes_tokenizer_config(arg, config_base.small_patch_nums(arg.latent))

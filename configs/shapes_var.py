@@ -12,21 +12,6 @@ never trained on) is what a held-out evaluation should read.
 """
 from var_jax.train import config_base
 
-# lr = tblr · batch / 256 (the reference has no depth rule): 4e-4 at batch 32 for minutes-long CPU runs
-TBLR = 3.2e-3
-
-
 def get_config(arg=None):
-    arg = config_base.parse_arg(arg, depth=2, batch=32, steps=1000, image_size=32, latent=4, tblr=TBLR)
-    config = config_base.base_config("var")
-    config.total_steps = arg.steps
-    config.batch_size = arg.batch
-    config.log_every = 20
-    config.checkpoint_every = 500
-    config.sample_every = 0                    # sweeps compare losses; sample from the exported model instead
-    config.patch_nums = config_base.small_patch_nums(arg.latent)
-    config.tokenizer_checkpoint = "workdirs/shapes_tokenizer"
-    config.data = config_base.data_config(name="shapes", image_size=arg.image_size, split="train")
-    config.model = config_base.var_model_config(arg.depth, drop_path_rate=0.0, init_adaln_gamma=1e-3)
-    config.optim = config_base.optim_config(tblr=arg.tblr, warmup_fraction=0.05)
-    return config
+    arg = config_base.parse_arg(arg, depth=2, batch=32, steps=1000, image_size=32, latent=4, tblr=config_base.SHAPES_VAR_TBLR)
+    return config_base.shapes_var_config(arg, config_base.small_patch_nums(arg.latent), "workdirs/shapes_tokenizer")

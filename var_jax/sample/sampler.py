@@ -14,6 +14,9 @@ does not change any value.
 
 Randomness: image i draws from fold_in(key(seed), image_ids[i]), then fold_in(·, scale): the same seed and image id
 give the same image whatever the batch size, batch position or number of devices.
+
+Raster order (the AR baseline, VARConfig.order='raster') dispatches to `_raster_tokens`: token by token in one
+lax.scan, with the same guidance (ramped over the token index) and filtering.
 """
 from __future__ import annotations
 
@@ -202,6 +205,41 @@ class _ScaleWalker:
                                    for j, p in enumerate(seg.patch_nums)]
 
 
+def _raster_tokens(var, codebook, cond, keys, options: SampleOptions, with_logits: bool):
+    """Raster order (VARConfig.order='raster'): one token per step, a lax.scan over the L positions against the
+    KV cache (static shapes: every step attends over L cached positions, masked to those written so far).
+    Guidance ramps over the token index the way it ramps over scales: t = cfg·i/(L−1) ('linear'; 0 at the first
+    token) or cfg ('constant'). Token i draws from fold_in(image key, i).
+    Returns (tokens (B, L) int32, guided unfiltered logits (B, L, V) float32 or None)."""
+    length = var.cfg.seq_len
+    strengths = np.float32([guidance_strength(options.cfg, i, length, options.cfg_schedule) for i in range(length)])
+
+    def body(carry, step):
+        cache, x = carry
+        i = step["i"]
+        logits2, cache = var.forward_cached(x, cond, cache, i, kv_len=length, valid_len=1)
+        logits = _guided_logits(logits2, step["t"], options.guided)
+        filtered = filter_logits(logits, options.top_k, options.top_p)
+        tokens = draw_tokens(jax.vmap(lambda k: jax.random.fold_in(k, i))(keys), filtered)   # (B, 1)
+        # the next position reads this token's code vector (after the last position it is not used)
+        x = _double(var.token_input(jnp.minimum(i + 1, length - 1), jnp.take(codebook, tokens, axis=0)),
+                    options.guided).astype(x.dtype)
+        return (cache, x), (tokens[:, 0], logits[:, 0] if with_logits else None)
+
+    cache = jax.tree.map(lambda c: constrain(c, ("layers", "batch", "seq", "heads", None)),
+                         var.init_cache(cond.shape[0]))
+    steps = {"i": jnp.arange(length, dtype=jnp.int32), "t": jnp.asarray(strengths)}
+    _, (tokens, logits) = jax.lax.scan(body, (cache, var.first_scale_input(cond)), steps)
+    return tokens.T.astype(jnp.int32), None if logits is None else jnp.swapaxes(logits, 0, 1)
+
+
+def _check_raster_options(options: SampleOptions, edit):
+    if options.more_smooth:
+        raise ValueError("more_smooth is a next-scale option (soft embeddings per scale); raster order has none")
+    if edit is not None:
+        raise ValueError("editing (source tokens per scale) is not supported in raster order")
+
+
 def generate(var, tokenizer, labels, keys, options: SampleOptions, edit=None, *, decode: bool = True,
              with_logits: bool = False):
     """Sample token maps and images. Runs inside jit (on merged modules).
@@ -220,6 +258,12 @@ def generate(var, tokenizer, labels, keys, options: SampleOptions, edit=None, *,
         if options.guided else labels
     cond = var.cond_embedding(rows_labels)
     qparams = tokenizer.quantizer_params()
+    if var_cfg.order == "raster":
+        _check_raster_options(options, edit)
+        tokens, logits = _raster_tokens(var, qparams["codebook"].astype(jnp.float32), cond, keys, options,
+                                        with_logits)
+        out = {"f_hat": quantizer.tokens_to_fhat(qparams, [tokens], tok_cfg), "tokens": [tokens]}
+        return _finish(out, tokenizer, decode, [logits] if with_logits else None)
     s = tok_cfg.latent_size
     # rows (and an image's two guidance rows together) stay on the device that holds their image
     cache = jax.tree.map(lambda c: constrain(c, ("layers", "batch", "seq", "heads", None)),
@@ -234,12 +278,16 @@ def generate(var, tokenizer, labels, keys, options: SampleOptions, edit=None, *,
         else:
             state, outputs = walker.exact_step(seg.scales[0], state)
         per_scale += outputs
-    f_hat = state[1]
-    out = {"f_hat": f_hat, "tokens": [t.astype(jnp.int32) for t, _ in per_scale]}
+    out = {"f_hat": state[1], "tokens": [t.astype(jnp.int32) for t, _ in per_scale]}
+    return _finish(out, tokenizer, decode, [lg for _, lg in per_scale] if with_logits else None)
+
+
+def _finish(out, tokenizer, decode: bool, logits):
+    """Add the decoded images (in [0, 1]) and the per-scale logits to a sampling result."""
     if decode:
-        out["images"] = (tokenizer.decode(f_hat) + 1) * 0.5
-    if with_logits:
-        out["logits"] = [lg for _, lg in per_scale]
+        out["images"] = (tokenizer.decode(out["f_hat"]) + 1) * 0.5
+    if logits is not None:
+        out["logits"] = logits
     return out
 
 

@@ -60,6 +60,7 @@ def var_model_config(depth: int, **overrides) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict(dict(
         depth=depth, width=-1, heads=-1, num_classes=-1, drop_path_rate=-1.0, init_adaln_gamma=-1.0,
         cond_drop_rate=0.1, shared_aln=False, attn_l2_norm=True, mlp_ratio=4.0, init_adaln=0.5, init_head=0.02,
+        adaln=True, order="scale",             # ablations: plain LayerNorm / the raster-order AR baseline
         remat="none", attention_impl="auto",   # run settings (transformer.RunSettings), free to change on resume
     ))
     cfg.update(overrides)
@@ -132,6 +133,41 @@ def small_tokenizer_config(*, batch: int, steps: int, lr: float, vocab: int, dat
     config.optim = optim_config(tblr=tblr, warmup_steps=20, wd=0.0, wd_end=0.0)
     config.disc_optim = optim_config(tblr=tblr, b1=0.5, b2=0.9, warmup_steps=0, schedule="constant",
                                      wd=0.0, wd_end=0.0)   # VQGAN's Adam betas for the discriminator
+    return config
+
+
+def shapes_tokenizer_config(arg: ml_collections.ConfigDict, patch_nums: tuple[int, ...]) -> ml_collections.ConfigDict:
+    """The shapes tokenizer (configs/shapes_tokenizer.py, configs/shapes_raster.py) from its parsed config
+    arguments (batch, steps, lr, vocab, image_size, latent) and token-map sides."""
+    config = small_tokenizer_config(
+        batch=arg.batch, steps=arg.steps, lr=arg.lr, vocab=arg.vocab,
+        data=data_config(name="shapes", image_size=arg.image_size, split="train"),
+        patch_nums=patch_nums, ch_mult=downsampling_ch_mult(arg.image_size, arg.latent))
+    config.checkpoint_every = 500
+    config.sample_every = 500          # PNG grid: originals, then their reconstructions
+    return config
+
+
+# lr = tblr · batch / 256 (the reference has no depth rule): 4e-4 at batch 32 for minutes-long CPU runs; the
+# raster baseline (configs/shapes_raster.py) uses the same rate, so that the two orders compare at one recipe
+SHAPES_VAR_TBLR = 3.2e-3
+
+
+def shapes_var_config(arg: ml_collections.ConfigDict, patch_nums: tuple[int, ...],
+                      tokenizer_checkpoint: str) -> ml_collections.ConfigDict:
+    """The shapes VAR stage (configs/shapes_var.py, configs/shapes_raster.py) from its parsed config arguments
+    (depth, batch, steps, image_size, tblr) and the tokenizer's token-map sides."""
+    config = base_config("var")
+    config.total_steps = arg.steps
+    config.batch_size = arg.batch
+    config.log_every = 20
+    config.checkpoint_every = 500
+    config.sample_every = 0                    # sweeps compare losses; sample from the exported model instead
+    config.patch_nums = patch_nums
+    config.tokenizer_checkpoint = tokenizer_checkpoint
+    config.data = data_config(name="shapes", image_size=arg.image_size, split="train")
+    config.model = var_model_config(arg.depth, drop_path_rate=0.0, init_adaln_gamma=1e-3)
+    config.optim = optim_config(tblr=arg.tblr, warmup_fraction=0.05)
     return config
 
 

@@ -53,6 +53,11 @@ def block_causal_groups(patch_nums, min_group_queries: int = MIN_GROUP_QUERIES) 
     return tuple(groups)
 
 
+def token_causal_groups(length: int) -> tuple[QueryGroup, ...]:
+    """The token-level causal mask of raster order (query t sees keys 0..t) as one masked query group."""
+    return (QueryGroup(0, length, length, np.tril(np.ones((length, length), bool))),)
+
+
 def grouped_attention(q, k, v, groups: tuple[QueryGroup, ...], scale: float):
     """Attention of q (B, L, H, hd) over k/v (B, L, H, hd) by query groups -> (B, L, H, hd)."""
     return _attention(q, k, v, None, _StaticGroups(groups), scale)

@@ -136,18 +136,33 @@ class FFN(nnx.Module):
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
 
 
+class AffineLayerNorm(nnx.Module):
+    """LayerNorm with learnable scale (init 1) and bias (init 0): the norm of the adaln=False ablation."""
+
+    def __init__(self, cfg: VARConfig):
+        self.eps = cfg.norm_eps
+        self.scale = nnx.Param(jnp.ones((cfg.width,), jnp.float32), out_sharding=("embed",))
+        self.bias = nnx.Param(jnp.zeros((cfg.width,), jnp.float32), out_sharding=("embed",))
+
+    def __call__(self, x):
+        return layer_norm(x, self.eps) * self.scale[...].astype(x.dtype) + self.bias[...].astype(x.dtype)
+
+
 class AdaLNSelfAttn(nnx.Module):
     """x += attn(LN(x)·(1+scale1)+shift1)·gamma1;  x += ffn(LN(x)·(1+scale2)+shift2)·gamma2.
 
     The modulation comes from the class embedding: a per-block `ada_lin` (SiLU → Linear(C, 6C)), or, with
-    shared AdaLN, the model's shared projection plus this block's learned offset `ada_gss` (6C,)."""
+    shared AdaLN, the model's shared projection plus this block's learned offset `ada_gss` (6C,).
+    With adaln=False (ablation): x += attn(norm1(x)); x += ffn(norm2(x)), affine LayerNorms, no class input."""
 
     def __init__(self, cfg: VARConfig, *, rngs: nnx.Rngs):
         C = cfg.width
-        self.width, self.eps, self.shared_aln = C, cfg.norm_eps, cfg.shared_aln
+        self.width, self.eps, self.shared_aln, self.adaln = C, cfg.norm_eps, cfg.shared_aln, cfg.adaln
         self.attn = SelfAttention(cfg, rngs=rngs)
         self.ffn = FFN(cfg, rngs=rngs)
-        if cfg.shared_aln:
+        if not cfg.adaln:
+            self.norm1, self.norm2 = AffineLayerNorm(cfg), AffineLayerNorm(cfg)
+        elif cfg.shared_aln:
             # reference: randn(1,1,6,C)/sqrt(C), then the same gate / scale-shift factors as ada_lin
             gss = jax.random.normal(rngs.params(), (6 * C,), jnp.float32) / math.sqrt(C) * adaln_factors(cfg)
             self.ada_gss = nnx.Param(gss, out_sharding=("ada",))
@@ -164,18 +179,27 @@ class AdaLNSelfAttn(nnx.Module):
         mod = mod.reshape(mod.shape[0], 1, len(ADA_CHUNKS), self.width)
         return [mod[:, :, i] for i in range(len(ADA_CHUNKS))]
 
+    def _norms(self, x, block_cond):
+        """(norm1, norm2, gate1, gate2): the two pre-branch norms as functions of x and the branch gates (None
+        without AdaLN: plain pre-norm residual branches)."""
+        if not self.adaln:
+            return self.norm1, self.norm2, None, None
+        gamma1, gamma2, scale1, scale2, shift1, shift2 = (m.astype(x.dtype) for m in self.modulation(block_cond))
+        return (lambda y: layer_norm(y, self.eps) * (1 + scale1) + shift1,
+                lambda y: layer_norm(y, self.eps) * (1 + scale2) + shift2, gamma1, gamma2)
+
     def __call__(self, x, block_cond, kv_fn, drop_scales=None):
         """x (B, l, C) -> (x, aux). kv_fn(k, v) -> (keys, values, mask, aux) decides what the queries attend to
         (the same tokens with the block-causal mask, or a KV cache). drop_scales: optional pair of (B, 1, 1)
-        per-sample drop-path multipliers, one per residual branch."""
-        gamma1, gamma2, scale1, scale2, shift1, shift2 = (m.astype(x.dtype) for m in self.modulation(block_cond))
-        h = layer_norm(x, self.eps) * (1 + scale1) + shift1
-        q, k, v = self.attn.qkv(h)
+        per-sample drop-path multipliers, one per residual branch. block_cond is ignored without AdaLN."""
+        norm1, norm2, gate1, gate2 = self._norms(x, block_cond)
+        q, k, v = self.attn.qkv(norm1(x))
         keys, values, mask, aux = kv_fn(k, v)
-        branch = self.attn.attend(q, keys, values, mask) * gamma1
+        branch = self.attn.attend(q, keys, values, mask)
+        branch = branch if gate1 is None else branch * gate1
         x = x + (branch if drop_scales is None else branch * drop_scales[0])
-        h = layer_norm(x, self.eps) * (1 + scale2) + shift2
-        branch = self.ffn(h) * gamma2
+        branch = self.ffn(norm2(x))
+        branch = branch if gate2 is None else branch * gate2
         x = x + (branch if drop_scales is None else branch * drop_scales[1])
         return x, aux
 

@@ -33,6 +33,8 @@ ATTENTION_IMPLS = ("auto", "grouped", "xla", "cudnn")
 # VARConfig fields that say how to run the model, not what it is: not saved with it, free to change on resume.
 RUN_SETTINGS = ("compute_dtype", "remat", "attention_impl")
 ACCELERATOR_BACKENDS = ("gpu", "tpu", "cuda", "rocm")
+# "scale": next-scale prediction (VAR); "raster": the next-token AR baseline over one token map (patch_nums (n,)).
+ORDERS = ("scale", "raster")
 
 
 def resolve_compute_dtype(name: str, backend: str | None = None) -> str:
@@ -81,6 +83,10 @@ class VARConfig(ScaleScheduleConfig):
     init_adaln_gamma: float = 1e-5
     init_head: float = 0.02
     init_std: float = -1.0              # < 0 -> sqrt(1/(3·width))
+    # ablations (the paper's Table 3): False = class only in the start token, plain affine LayerNorm in the
+    # blocks and head; 'raster' = token-by-token AR over a single-scale tokenizer (see ORDERS)
+    adaln: bool = True
+    order: str = "scale"
     # run settings (RUN_SETTINGS), not saved: set them with `with_run_settings`
     remat: str = "none"                 # "block": rematerialise each scanned block in the backward pass
     compute_dtype: str = "float32"      # parameters stay float32; activations use this dtype
@@ -110,7 +116,8 @@ class VARConfig(ScaleScheduleConfig):
 
     @property
     def first_l(self) -> int:
-        return self.patch_nums[0] ** 2
+        """Positions fed the start token: the whole first scale, or the one first token in raster order."""
+        return 1 if self.order == "raster" else self.patch_nums[0] ** 2
 
     # ---- identity and run settings ---------------------------------------------------------------------------
     @property
@@ -147,6 +154,10 @@ class VARConfig(ScaleScheduleConfig):
              "must be a non-empty sequence of positive ints")
         need(all(a < b for a, b in zip(self.patch_nums, self.patch_nums[1:])), "patch_nums",
              "must be strictly increasing")
+        need(self.order in ORDERS, "order", f"must be one of {ORDERS}")
+        need(self.order != "raster" or len(self.patch_nums) == 1, "patch_nums",
+             "raster order needs a single-scale tokenizer (patch_nums of one side, e.g. (4,))")
+        need(self.adaln or not self.shared_aln, "shared_aln", "needs adaln=True (it shares the AdaLN projection)")
         need(self.mlp_ratio > 0 and round(self.width * self.mlp_ratio) >= 1, "mlp_ratio", "must be > 0")
         need(0.0 <= self.drop_path_rate < 1.0, "drop_path_rate", "must be in [0, 1)")
         need(0.0 <= self.cond_drop_rate < 1.0, "cond_drop_rate", "must be in [0, 1)")

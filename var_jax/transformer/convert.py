@@ -92,8 +92,19 @@ def _patch_nums_from(sd, seq_len: int, tokenizer_config, patch_nums):
     return found
 
 
+def check_reference_variant(adaln: bool = True, order: str = "scale"):
+    """Reference checkpoints are AdaLN next-scale models: the ablation variants have no reference layout."""
+    if not adaln:
+        raise ValueError("adaln=False (the w/o-AdaLN ablation) has no reference checkpoint layout: reference VAR "
+                         "checkpoints always have AdaLN; train the ablation with var-jax instead of converting")
+    if order != "scale":
+        raise ValueError(f"order={order!r} (the raster-order baseline) has no reference checkpoint layout: "
+                         "reference VAR checkpoints are next-scale models; train the baseline with var-jax")
+
+
 def config_from_state_dict(sd, tokenizer_config=None, patch_nums=None, *, heads=None, **overrides) -> VARConfig:
     """Infer the VARConfig of a reference VAR state_dict (keys without a prefix; numpy arrays or torch tensors)."""
+    check_reference_variant(overrides.get("adaln", True), overrides.get("order", "scale"))
     sd = {k: _to_numpy(v) for k, v in sd.items()}
     def need(key, ndim):
         if key not in sd:
@@ -199,6 +210,7 @@ def var_from_state_dict(sd, tokenizer_config=None, patch_nums=None, *, heads=Non
 def var_to_state_dict(model: VAR) -> dict[str, np.ndarray]:
     """var-jax VAR -> the reference state_dict (float32 numpy; buffers included, so it loads strictly)."""
     cfg = model.cfg
+    check_reference_variant(cfg.adaln, cfg.order)
     flat = {path: np.asarray(v.get_value(), np.float32) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     C = cfg.width
     sd: dict[str, np.ndarray] = {}

@@ -5,6 +5,10 @@ block state: one compiled block whatever the depth. Two ways through the blocks 
 - `__call__`: teacher forcing over the whole (or a prefix of the) sequence with the block-causal mask;
 - `forward_cached`: one scale at a time against a KV cache, for sampling (the pieces the sampler composes are
   `cond_embedding`, `first_scale_input`, `scale_input`, `init_cache`, `forward_cached`).
+
+Ablations (VARConfig): `adaln=False` keeps the class only in the start token (plain affine LayerNorms);
+`order='raster'` is the next-token baseline over one token map: position 0 is the start token, position t>0 reads
+the code vector of token t-1 (`token_input`), and the mask is token-causal.
 """
 from __future__ import annotations
 
@@ -16,8 +20,9 @@ import numpy as np
 from flax import nnx
 
 from var_jax.sharding import constrain
-from var_jax.transformer.attention import block_causal_groups
-from var_jax.transformer.blocks import AdaLNBeforeHead, AdaLNSelfAttn, compute_dtype, linear, trunc_normal
+from var_jax.transformer.attention import block_causal_groups, token_causal_groups
+from var_jax.transformer.blocks import (AdaLNBeforeHead, AdaLNSelfAttn, AffineLayerNorm, compute_dtype, linear,
+                                        trunc_normal)
 from var_jax.transformer.config import VARConfig
 
 
@@ -51,7 +56,7 @@ class VAR(nnx.Module):
         if cfg.shared_aln:
             self.shared_ada_lin = linear(cfg, C, 6 * C, ("embed", "ada"), rngs=rngs)
         self.blocks = _stacked_blocks(cfg, rngs)
-        self.head_nm = AdaLNBeforeHead(cfg, rngs=rngs)
+        self.head_nm = AdaLNBeforeHead(cfg, rngs=rngs) if cfg.adaln else AffineLayerNorm(cfg)
         self.head = linear(cfg, C, cfg.vocab_size, ("embed", "vocab"), rngs=rngs,
                            factor=cfg.init_head if cfg.init_head >= 0 else 1.0)
 
@@ -81,15 +86,26 @@ class VAR(nnx.Module):
                              f"got {tuple(x_in.shape)}")
         return self.word_embed(x_in.astype(jnp.float32)).astype(jnp.float32) + self._level_position(begin, end)
 
+    def token_input(self, position, codes):
+        """Raster order: codebook vectors (B, 1, Cvae) of the token at `position`-1 -> the transformer input at
+        `position` (B, 1, C); position may be traced (the sampler's loop index)."""
+        pos = jax.lax.dynamic_slice_in_dim(self.pos_1LC[...], position, 1, axis=1)
+        level = self.lvl_embed(jnp.zeros((1,), jnp.int32))[None]   # one scale: the same level everywhere
+        return self.word_embed(codes.astype(jnp.float32)).astype(jnp.float32) + level + pos
+
     def _block_cond(self, cond):
-        """What each block's AdaLN reads: the class embedding, or the shared 6C projection of it."""
+        """What each block's AdaLN reads: the class embedding, or the shared 6C projection of it; None without
+        AdaLN (the class then enters only through the start token)."""
+        if not self.cfg.adaln:
+            return None
         if self.cfg.shared_aln:
             return self.shared_ada_lin(jax.nn.silu(cond))
         return cond
 
     def logits(self, x, cond):
-        """AdaLN head + output projection: (B, l, C) -> (B, l, V) float32."""
-        logits = self.head(self.head_nm(x, cond.astype(x.dtype))).astype(jnp.float32)
+        """AdaLN head (affine LayerNorm without AdaLN) + output projection: (B, l, C) -> (B, l, V) float32."""
+        h = self.head_nm(x, cond.astype(x.dtype)) if self.cfg.adaln else self.head_nm(x)
+        logits = self.head(h).astype(jnp.float32)
         return constrain(logits, ("batch", "seq", "vocab"))
 
     # ---- the blocks ------------------------------------------------------------------------------------------
@@ -98,7 +114,8 @@ class VAR(nnx.Module):
         caches go in and come out stacked. dropout_key enables drop-path (rates linear over depth)."""
         cfg = self.cfg
         graphdef, block_state = nnx.split(self.blocks)
-        block_cond = self._block_cond(cond).astype(x.dtype)
+        block_cond = self._block_cond(cond)
+        block_cond = None if block_cond is None else block_cond.astype(x.dtype)
         rates = np.linspace(0.0, cfg.drop_path_rate, cfg.depth).astype(np.float32)
         use_drop = dropout_key is not None and cfg.drop_path_rate > 0
         keys = jax.random.split(dropout_key, cfg.depth) if use_drop else None
@@ -143,7 +160,10 @@ class VAR(nnx.Module):
         x = jnp.concatenate([self.first_scale_input(cond), words + self._level_position(cfg.first_l, end)], axis=1)
         x = constrain(x.astype(compute_dtype(cfg)), ACTIVATION_AXES)
 
-        groups = block_causal_groups(cfg.patch_nums[:cfg.scale_ids[end - 1] + 1])
+        if cfg.order == "raster":
+            groups = token_causal_groups(end)
+        else:
+            groups = block_causal_groups(cfg.patch_nums[:cfg.scale_ids[end - 1] + 1])
         make_kv_fn = lambda _: (lambda k, v: (k, v, groups, None))
         x, _ = self._run_blocks(x, cond, make_kv_fn, dropout_key=None if deterministic else dropout_key)
         return self.logits(x, cond)

@@ -12,13 +12,14 @@ def var_forward_flops_per_example(cfg, seq_len: int | None = None) -> float:
     """Forward FLOPs of one image through the VAR transformer (VARConfig `cfg`) at sequence length L."""
     L = cfg.seq_len if seq_len is None else seq_len
     C, V, Cv, H = cfg.width, cfg.vocab_size, cfg.z_channels, cfg.mlp_hidden
+    adaln = getattr(cfg, "adaln", True)     # the adaln=False ablation has no modulation projections
     per_block = (2 * L * C * 3 * C          # fused q|k|v
                  + 2 * 2 * L * L * C        # q·kᵀ and attention·v over every head
                  + 2 * L * C * C            # output projection
                  + 2 * 2 * L * C * H        # fc1 and fc2
-                 + 2 * C * 6 * C)           # AdaLN modulation (once per image)
+                 + (2 * C * 6 * C if adaln else 0))   # AdaLN modulation (once per image)
     embed = 2 * L * Cv * C
-    head = 2 * L * C * V + 2 * C * 2 * C
+    head = 2 * L * C * V + (2 * C * 2 * C if adaln else 0)
     shared = 2 * C * 6 * C if getattr(cfg, "shared_aln", False) else 0
     return float(cfg.depth * per_block + embed + head + shared)
 

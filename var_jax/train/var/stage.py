@@ -87,7 +87,7 @@ def build_var_stage(config, mesh, dataset_classes: int) -> Stage:
     tok_graphdef, tok_state = nnx.split(tokenizer)
     tok_state = nnx.to_pure_dict(tok_state)
     tok_shardings = nnx.to_pure_dict(state_shardings(nnx.split(tokenizer)[1], mesh))
-    tokenize = make_tokenizer_fn(tok_graphdef, tok_cfg)
+    tokenize = make_tokenizer_fn(tok_graphdef, tok_cfg, order=var_cfg.order)
     image_size = int(config.data.image_size)
     batch_example = {"image": jax.ShapeDtypeStruct((int(config.batch_size), image_size, image_size, 3), np.float32),
                      "label": jax.ShapeDtypeStruct((int(config.batch_size),), np.int32),

@@ -40,8 +40,17 @@ class VarStepConfig:
         return len(self.patch_nums) if self.prog_si is None else self.prog_si + 1
 
 
-def make_tokenizer_fn(tokenizer_graphdef, tokenizer_cfg) -> Callable:
-    """(tokenizer params, images) -> (tokens (B, L) int32, teacher input (B, L-1, Cvae) float32), no gradient."""
+def raster_teacher_input(codebook, tokens):
+    """Raster order's teacher forcing: the code vectors of tokens shifted by one, (B, L) -> (B, L-1, Cvae)
+    (position t reads token t-1; position 0 is the start token)."""
+    return jnp.take(codebook.astype(jnp.float32), tokens[:, :-1], axis=0)
+
+
+def make_tokenizer_fn(tokenizer_graphdef, tokenizer_cfg, order: str = "scale") -> Callable:
+    """(tokenizer params, images) -> (tokens (B, L) int32, teacher input (B, L - first_l, Cvae) float32), no
+    gradient. order: the transformer's VARConfig.order ('raster' wants a single-scale tokenizer)."""
+    if order == "raster" and tokenizer_cfg.num_scales != 1:
+        raise ValueError(f"raster order needs a single-scale tokenizer, got patch_nums {tokenizer_cfg.patch_nums}")
 
     def tokenize(tokenizer_state, images):
         tokenizer = nnx.merge(tokenizer_graphdef, tokenizer_state)
@@ -49,8 +58,12 @@ def make_tokenizer_fn(tokenizer_graphdef, tokenizer_cfg) -> Callable:
         f = tokenizer.encode(images)
         qparams = tokenizer.quantizer_params()
         tokens = quantizer.f_to_tokens(qparams, f, tokenizer_cfg)[0]
-        teacher = quantizer.teacher_forcing_input(qparams, tokens, tokenizer_cfg)
-        tokens = jnp.concatenate([t.reshape(t.shape[0], -1) for t in tokens], axis=1).astype(jnp.int32)
+        if order == "raster":
+            tokens = tokens[0].astype(jnp.int32)
+            teacher = raster_teacher_input(qparams["codebook"], tokens)
+        else:
+            teacher = quantizer.teacher_forcing_input(qparams, tokens, tokenizer_cfg)
+            tokens = jnp.concatenate([t.reshape(t.shape[0], -1) for t in tokens], axis=1).astype(jnp.int32)
         return jax.lax.stop_gradient(tokens), jax.lax.stop_gradient(teacher.astype(jnp.float32))
     return tokenize
 
@@ -60,7 +73,7 @@ def make_var_train_step(parts: ModelParts, tx: optax.GradientTransformation, ste
     slices = scale_begin_ends(step_cfg.patch_nums)
     full_weights = var_loss.token_weights(step_cfg.patch_nums, step_cfg.scale_weights)
     num_scales = step_cfg.num_scales
-    seq_len = slices[num_scales - 1][1]
+    seq_len, full_len = slices[num_scales - 1][1], slices[-1][1]
     last_begin, last_end = slices[num_scales - 1]
 
     def train_step(state: TrainState, batch, frozen):
@@ -68,7 +81,8 @@ def make_var_train_step(parts: ModelParts, tx: optax.GradientTransformation, ste
             tokens, teacher = tokenize(frozen, batch["image"])
         else:
             tokens, teacher = batch["tokens"], batch["teacher_input"]
-        tokens, teacher = tokens[:, :seq_len], teacher[:, :seq_len - step_cfg.patch_nums[0] ** 2]
+        # the teacher input lacks the start positions (first_l, which depends on the order): cut its tail instead
+        tokens, teacher = tokens[:, :seq_len], teacher[:, :teacher.shape[1] - (full_len - seq_len)]
         labels = batch["label"]
         ramp = batch.get("loss_ramp", jnp.float32(1.0))
         weights = truncated_weights(full_weights, slices, num_scales - 1, ramp)
