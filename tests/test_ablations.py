@@ -206,7 +206,10 @@ def test_shapes_raster_config():
 
 def test_raster_train_and_sample_commands(tmp_path):
     """configs/shapes_raster.py through `train` (a few steps on a tiny single-scale tokenizer, with the stage's PNG
-    samples) and `sample` on the exported model: the commands are unchanged, the sampler dispatches on the order."""
+    samples and the held-out evaluation) and `sample` on the exported model, on one device and on a 2-device mesh:
+    the commands are unchanged, the sampler dispatches on the order."""
+    import json
+    import os
     import subprocess
     import sys
 
@@ -215,19 +218,29 @@ def test_raster_train_and_sample_commands(tmp_path):
     tok_cfg, tokenizer = tiny_tokenizer((4,))
     save_model_dir(tmp_path / "tok", tokenizer=(tok_cfg, tokenizer))
 
-    def run(*argv):
+    def run(*argv, devices=1):
+        env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
         proc = subprocess.run([sys.executable, "-m", "var_jax", *argv], cwd=REPO_ROOT, capture_output=True,
-                              text=True, timeout=900)
+                              text=True, timeout=900, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     work = tmp_path / "raster"
     run("train", "--config", "configs/shapes_raster.py:depth=1,batch=8,steps=3,image_size=16,adaln=false",
         "--workdir", str(work), f"--config.tokenizer_checkpoint={tmp_path / 'tok'}", "--config.log_every=1",
-        "--config.sample_every=3", "--config.num_sample_images=4", "--config.eval_every=0")
+        "--config.sample_every=3", "--config.num_sample_images=4", "--config.eval_every=3",
+        "--config.eval_batch_size=1000")
+    records = [json.loads(line) for line in (work / "metrics.jsonl").read_text().splitlines()]
+    assert np.isfinite(records[-1]["val/loss"]) and records[-1]["val/images"] == 10_000
     loaded = load_model_dir(work / "model")
     assert loaded.var_config.order == "raster" and not loaded.var_config.adaln
-    run("sample", "--checkpoint", str(work / "model"), "--classes", "0,1", "--out", str(tmp_path / "samples"))
-    with np.load(tmp_path / "samples" / "samples.npz") as data:
-        images = {k: data[k] for k in data.files}
-    assert any(v.shape[1:] == (16, 16, 3) and len(v) == 2 for v in images.values()), \
-        {k: v.shape for k, v in images.items()}
+    samples = []
+    for devices, extra in ((1, []), (2, ["--mesh", "2,1,1"])):
+        out = tmp_path / f"samples{devices}"
+        run("sample", "--checkpoint", str(work / "model"), "--classes", "0,1,2", "--num-per-class", "2",
+            "--batch-size", "4", "--out", str(out), *extra, devices=devices)
+        with np.load(out / "samples.npz") as data:
+            samples.append({k: data[k] for k in data.files})
+    images = [v for v in samples[0].values() if v.ndim == 4]
+    assert len(images) == 1 and images[0].shape == (6, 16, 16, 3), {k: v.shape for k, v in samples[0].items()}
+    for key, value in samples[0].items():
+        np.testing.assert_array_equal(samples[1][key], value, err_msg=key)

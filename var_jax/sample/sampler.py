@@ -43,10 +43,11 @@ class SampleOptions:
     """Sampling settings (static: a change recompiles). The defaults are the reference FID setting."""
     cfg: float = 1.5                 # guidance scale; 0 turns guidance off (and the batch is not doubled)
     cfg_schedule: str = "linear"     # 'linear': t = cfg·si/(SN−1) (reference); 'constant': t = cfg
+    #                                  (raster order: the same over the token index i, t = cfg·i/(L−1))
     top_k: int = 900                 # ≤ 0: off; 1: greedy
     top_p: float = 0.96              # ≤ 0: off
     more_smooth: bool = False        # Gumbel-softmax embeddings (visual only, not for FID)
-    mode: str = DEFAULT_MODE         # 'unrolled' | 'grouped' | 'scanned'
+    mode: str = DEFAULT_MODE         # 'unrolled' | 'grouped' | 'scanned'; raster order always scans its positions
     waste_budget: float = DEFAULT_WASTE_BUDGET   # grouped mode: padding allowed, as a fraction of L
 
     def validate(self) -> "SampleOptions":
