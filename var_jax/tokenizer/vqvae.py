@@ -176,6 +176,20 @@ class Mid(nnx.Module):
         return self.block_2(self.attn_1(self.block_1(x)))
 
 
+def _one_sample_at_a_time(module: nnx.Module, fn, x):
+    """fn over the batch one sample at a time (lax.map) on CPU; the whole batch at once elsewhere.
+
+    XLA:CPU's convolutions (YNNPACK) run ~1.5x faster per FLOP on one 256 px image than on a batch of 4 (measured
+    side by side at 160 channels: ~280 vs ~185 GFLOP/s). Every op in the encoder/decoder is per sample (GroupNorm
+    and attention included), so the result is the same. Skipped when a Dropout is live: its RNG state would have
+    to be updated inside the loop.
+    """
+    if x.shape[0] == 1 or jax.default_backend() != "cpu" or any(
+            isinstance(m, nnx.Dropout) and not m.deterministic for _, m in nnx.iter_modules(module)):
+        return fn(x)
+    return jax.lax.map(lambda xi: fn(xi[None])[0], x)
+
+
 class Encoder(nnx.Module):
     """(B, H, W, 3) in [-1, 1] -> (B, H/ds, W/ds, Cvae)."""
 
@@ -192,6 +206,9 @@ class Encoder(nnx.Module):
         self.conv_out = conv(widths[-1], cfg.z_channels, 3, rngs=rngs)
 
     def __call__(self, x):
+        return _one_sample_at_a_time(self, self._forward, x)
+
+    def _forward(self, x):
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
@@ -216,6 +233,9 @@ class Decoder(nnx.Module):
         self.conv_out = conv(widths[0], 3, 3, rngs=rngs)
 
     def __call__(self, z):
+        return _one_sample_at_a_time(self, self._forward, z)
+
+    def _forward(self, z):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
