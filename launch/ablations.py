@@ -75,8 +75,9 @@ def parse_args(argv):
     parser.add_argument("--out", required=True, help="one workdir per variant under it; table3.md / .json")
     parser.add_argument("--steps", type=int, default=1000, help="training steps of every variant")
     parser.add_argument("--depth", type=int, default=2, help="depth of every variant (heads = depth)")
-    parser.add_argument("--eval-every", type=int, default=0,
-                        help="held-out evaluation interval (0: total steps, i.e. at the end only)")
+    parser.add_argument("--eval-every", type=int, default=None,
+                        help="held-out evaluation interval (default: total steps, i.e. at the end only; 0: off, the "
+                             "loss columns then come from the training loss, see var_jax/eval/scaling.py)")
     parser.add_argument("--same-width", action="store_true",
                         help="w/o-AdaLN rows keep width 64·depth (fewer parameters) instead of a matched width")
     parser.add_argument("--no-raster-noadaln", action="store_true", help="leave out the raster w/o AdaLN row")
@@ -144,7 +145,7 @@ def train_command(args, name: str, width: int) -> list[str]:
     return [sys.executable, "-m", "var_jax", "train", "--config", f"{CONFIGS[order]}:depth={args.depth}",
             "--workdir", str(Path(args.out) / name),
             f"--config.tokenizer_checkpoint={tokenizer}", f"--config.total_steps={args.steps}",
-            f"--config.eval_every={args.eval_every or args.steps}", f"--config.model.adaln={adaln}",
+            f"--config.eval_every={args.steps if args.eval_every is None else args.eval_every}", f"--config.model.adaln={adaln}",
             f"--config.model.width={width}", f"--config.model.heads={args.depth}",
             *[f"--config.{item}" for item in args.overrides]]
 
@@ -236,7 +237,7 @@ def loss_cell(row: dict, reference_order: str = "scale") -> str:
     note that it is not comparable with them."""
     if row.get("val_loss") is None:
         return "–"
-    text = f"{row['val_loss']:.3f}"
+    text = f"{row['val_loss']:.3f}" + ("†" if row.get("loss_source") == "train" else "")
     if row.get("order") != reference_order:
         text += " (raster tokens: not comparable)"
     return text
@@ -262,7 +263,8 @@ def make_table(rows: list[dict], meta: dict) -> str:
         cells = [str(number) if is_model else "–", row["description"], row.get("order") or "–", adaln,
                  _fmt(row.get("depth"), "d"), _fmt(row.get("width"), "d"),
                  _params(row.get("params")), _params(row.get("params_total")),
-                 loss_cell(row), _fmt(row.get("val_loss_last"), ".3f"),
+                 loss_cell(row), _fmt(row.get("val_loss_last"), ".3f") + ("†" if row.get("loss_source") == "train" and
+                                                          row.get("val_loss_last") is not None else ""),
                  _fmt(row.get("fid"), ".2f"), delta, _fmt(row.get("precision"), ".3f"),
                  _fmt(row.get("recall"), ".3f"), _fmt(row.get("accuracy"), ".1%"),
                  _fmt(row.get("sec_per_image"), ".4f")]
