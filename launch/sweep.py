@@ -33,7 +33,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))   # so that a checkout that is not pip-installed still imports var_jax
 
-from var_jax.cli import CommandError, parse_int_list  # noqa: E402
+from var_jax.cli.common import CommandError, parse_int_list  # noqa: E402
 from var_jax.cli.train import config_overrides  # noqa: E402
 
 REFERENCE_WIDTH_PER_DEPTH = 64      # VAR: C = 64·depth, heads = depth

@@ -131,7 +131,7 @@ def test_cli_config_loads_from_another_directory_and_takes_one_mesh_syntax(tmp_p
 
 
 def test_one_mesh_parser():
-    from var_jax.cli import CommandError, parse_mesh
+    from var_jax.cli.common import CommandError, parse_mesh
     assert parse_mesh("2,2,2") == parse_mesh("(2,2,2)") == parse_mesh("[2, 2, 2]") == (2, 2, 2)
     assert parse_mesh("-1,1,1") == (-1, 1, 1)
     with pytest.raises(CommandError, match="--mesh must be comma-separated integers"):

@@ -11,7 +11,7 @@ from flax import nnx
 
 from conftest import fixture_path, load_fixture, run_with_devices, state_dict
 from var_jax.checkpoints import CheckpointError, load_model_dir, read_state_dict, save_model_dir
-from var_jax.cli import CommandError
+from var_jax.cli.common import CommandError
 from var_jax.cli import convert as convert_cmd
 from var_jax.cli import reconstruct as reconstruct_cmd
 from var_jax.tokenizer.config import TokenizerConfig

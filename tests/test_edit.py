@@ -84,7 +84,7 @@ def test_edit_command_writes_the_edited_image(tmp_path, capsys):
     from PIL import Image
 
     from var_jax.checkpoints import save_model_dir
-    from var_jax.cli import CommandError
+    from var_jax.cli.common import CommandError
 
     bundle = fixture_bundle("tiny")
     model_dir = save_model_dir(tmp_path / "model", tokenizer=(bundle.tokenizer_config, bundle.tokenizer),

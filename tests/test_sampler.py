@@ -203,7 +203,7 @@ def test_labels_are_checked_and_grid_tiles_images():
 
 def test_sample_command_writes_adm_npz_and_resumes(tmp_path):
     from var_jax.checkpoints import save_model_dir
-    from var_jax.cli import CommandError
+    from var_jax.cli.common import CommandError
 
     bundle = fixture_bundle("tiny")
     model_dir = save_model_dir(tmp_path / "model", tokenizer=(bundle.tokenizer_config, bundle.tokenizer),

@@ -11,7 +11,7 @@ to the 256 px schedule.
 """
 from __future__ import annotations
 
-from var_jax.cli import CommandError, parse_int_list
+from var_jax.cli.common import CommandError, parse_int_list
 
 
 def add_arguments(parser):

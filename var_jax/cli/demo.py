@@ -20,7 +20,8 @@ import json
 import os
 import time
 
-from var_jax.cli import CommandError
+from var_jax.cli import sample, train
+from var_jax.cli.common import CommandError
 from var_jax.cli.reruns import check_same_settings
 from var_jax.paths import atomic_write_text, user_path
 
@@ -101,7 +102,6 @@ def sampling_settings(args) -> dict:
 def train_stage(name: str, spec: str, overrides: list[str], workdir):
     """One `var-jax train` run (resumed by the trainer when its workdir holds checkpoints); skipped when it has
     already exported its model."""
-    from var_jax.cli import train
     if (workdir / MODEL_DIR / "config.json").is_file():
         print(f"[demo] {name}: finished earlier ({workdir / MODEL_DIR}), skipped", flush=True)
         return
@@ -112,7 +112,6 @@ def train_stage(name: str, spec: str, overrides: list[str], workdir):
 
 
 def sample_stage(checkpoint, out, num_per_class: int, sampling: dict, seed: int):
-    from var_jax.cli import sample
     argv = ["--checkpoint", str(checkpoint), "--out", str(out), "--num-per-class", str(num_per_class),
             "--cfg", str(sampling["cfg"]), "--top-k", str(sampling["top_k"]), "--top-p", str(sampling["top_p"]),
             "--seed", str(seed), "--batch-size", str(num_per_class * NUM_CLASSES)]

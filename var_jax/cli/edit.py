@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 
-from var_jax.cli import CommandError, add_run_settings_arguments, run_settings_from_args
+from var_jax.cli.common import CommandError, add_run_settings_arguments, run_settings_from_args
 from var_jax.paths import atomic_write, user_path
 
 
@@ -71,7 +71,7 @@ def run(args):
     from PIL import Image
 
     from var_jax.checkpoints import CheckpointError, load_model_dir, read_model_config
-    from var_jax.cli import check_sampling_args
+    from var_jax.cli.common import check_sampling_args
     from var_jax.images import image_format
 
     # every check that needs no model first: loading and compiling take minutes on a large one

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import json
 
-from var_jax.cli import CommandError, add_mesh_argument, batch_mesh
+from var_jax.cli.common import CommandError, add_mesh_argument, batch_mesh
 from var_jax.paths import atomic_write_text, user_path
 
 FEATURES = ("inception", "digits")

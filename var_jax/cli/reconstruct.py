@@ -19,7 +19,7 @@ import functools
 import sys
 import tempfile
 
-from var_jax.cli import CommandError, add_mesh_argument, batch_mesh
+from var_jax.cli.common import CommandError, add_mesh_argument, batch_mesh
 from var_jax.paths import user_path
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from var_jax.cli import CommandError
+from var_jax.cli.common import CommandError
 from var_jax.paths import atomic_write_text, user_path
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-from var_jax.cli import (CommandError, add_distributed_arguments, add_mesh_argument, add_run_settings_arguments,
+from var_jax.cli.common import (CommandError, add_distributed_arguments, add_mesh_argument, add_run_settings_arguments,
                          check_sampling_args, parse_int_list, parse_mesh, run_settings_from_args)
 from var_jax.cli.reruns import check_same_settings
 from var_jax.paths import atomic_write, user_path
@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--num-per-class", type=int, default=1, help="images per class (default 1; FID: 50)")
     parser.add_argument("--cfg", type=float, default=1.5, help="classifier-free guidance scale (0: off)")
     parser.add_argument("--cfg-schedule", choices=("linear", "constant"), default="linear",
-                        help="linear: t = cfg·si/(SN−1) as the reference; constant: t = cfg at every scale")
+                        help="linear: t = cfg·si/(SN−1) over the scales as the reference (raster order: over the token "
+                        "index); constant: t = cfg everywhere")
     parser.add_argument("--top-k", type=int, default=900, help="keep the k largest logits (0: off, 1: greedy)")
     parser.add_argument("--top-p", type=float, default=0.96, help="nucleus filter (0: off)")
     parser.add_argument("--more-smooth", action="store_true", help="Gumbel-softmax embeddings (visual only)")

@@ -17,7 +17,7 @@ def add_arguments(parser: argparse.ArgumentParser):
 
 
 def run(args):
-    from var_jax.cli import CommandError
+    from var_jax.cli.common import CommandError
     from var_jax.paths import user_path
 
     sweep = user_path(args.sweep)

@@ -15,7 +15,7 @@ import ast
 import importlib.util
 import os
 
-from var_jax.cli import CommandError, add_distributed_arguments, parse_mesh
+from var_jax.cli.common import CommandError, add_distributed_arguments, parse_mesh
 
 OVERRIDE_PREFIX = "--config."
 

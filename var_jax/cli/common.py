@@ -1,0 +1,89 @@
+"""What the commands share: the one-line user error, option parsers, and the option groups several commands take
+(mesh, run settings, sampling options, hosts). Heavy imports stay inside the functions, so `--help` stays quick."""
+import argparse
+import math
+
+
+class CommandError(Exception):
+    """A user-facing error: printed without a traceback, exit status 2."""
+
+
+def parse_int_list(text: str, what: str) -> tuple[int, ...]:
+    """'1,2,3' -> (1, 2, 3); an error naming the option `what` when it is not a non-empty integer list."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise CommandError(f"{what} must be comma-separated integers, got {text!r}") from None
+    if not values:
+        raise CommandError(f"{what} is empty")
+    return values
+
+
+def parse_mesh(text: str, what: str = "--mesh") -> tuple[int, ...]:
+    """'2,2,2' or '(2,2,2)' -> (2, 2, 2): the one mesh syntax of every command (train's --config.mesh too)."""
+    return parse_int_list(text.strip().strip("()[]"), what)
+
+
+def add_mesh_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mesh", default="-1,1,1",
+                        help="device mesh sizes data,fsdp,tensor, e.g. 2,2,2 or (2,2,2); -1 = all remaining devices "
+                             "(default -1,1,1)")
+
+
+def batch_mesh(mesh_text: str, batch_size: int):
+    """The device mesh of a --mesh option, with --batch-size checked to split evenly over its data axes."""
+    from var_jax.sharding import data_parallel_size, make_mesh
+    try:
+        mesh = make_mesh(parse_mesh(mesh_text))
+    except ValueError as e:
+        raise CommandError(f"--mesh: {e}") from None
+    dp = data_parallel_size(mesh)
+    if batch_size < 1 or batch_size % dp:
+        raise CommandError(f"--batch-size {batch_size} must be a positive multiple of the {dp} data-parallel "
+                           f"devices of mesh {dict(mesh.shape)}")
+    return mesh
+
+
+# Sampling seeds reach jax.random.key as a uint32 (var_jax.sample.runner): anything else would wrap or overflow.
+MAX_SEED = 2 ** 32 - 1
+
+
+def check_sampling_args(args) -> None:
+    """sample's and edit's --cfg, --top-k, --top-p and --seed, checked before any model is loaded (a NaN
+    guidance scale would otherwise give NaN images only after the model loaded and compiled)."""
+    if not math.isfinite(args.cfg) or args.cfg < 0:
+        raise CommandError(f"--cfg must be a finite number >= 0, got {args.cfg}")
+    if not math.isfinite(args.top_p) or not 0.0 <= args.top_p <= 1.0:
+        raise CommandError(f"--top-p must be in [0, 1] (0: off), got {args.top_p}")
+    if args.top_k < 0:
+        raise CommandError(f"--top-k must be >= 0 (0: off), got {args.top_k}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise CommandError(f"--seed must be in 0..{MAX_SEED} (a uint32), got {args.seed}")
+
+
+def add_run_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    """How this process runs the transformer (var_jax.transformer.RunSettings; not part of the model)."""
+    # no `choices=`: importing the transformer here would slow `--help`; run_settings_from_args checks them
+    parser.add_argument("--compute-dtype", default="auto",
+                        help="activation dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32 or bfloat16")
+    parser.add_argument("--attention-impl", default="auto",
+                        help="auto, grouped, xla or cudnn (see var_jax/transformer/config.py)")
+
+
+def run_settings_from_args(args):
+    """The transformer.RunSettings of --compute-dtype / --attention-impl, resolved for this process's backend."""
+    from var_jax.transformer import RunSettings
+    try:
+        return RunSettings(compute_dtype=args.compute_dtype, attention_impl=args.attention_impl).resolved()
+    except ValueError as e:
+        field, _, why = str(e).partition(":")
+        raise CommandError(f"--{field.replace('_', '-')}:{why}") from None
+
+
+def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    """The multi-host options (read by var_jax.cli.train.maybe_initialize_distributed)."""
+    parser.add_argument("--distributed", action="store_true",
+                        help="call jax.distributed.initialize() (auto-detects TPU pods and SLURM)")
+    parser.add_argument("--coordinator_address", default=None, help="host:port of process 0 (multi-process)")
+    parser.add_argument("--num_processes", type=int, default=None)
+    parser.add_argument("--process_id", type=int, default=None)
