@@ -277,7 +277,12 @@ def make_table(rows: list[dict], meta: dict) -> str:
            if meta.get("matched_width") else "All rows at width 64·depth. "),
         "Held-out loss: final `val/loss` (cross-entropy over all tokens of an image); last-scale loss: `val/loss_last`."
         " Scale rows are over " + TOKEN_SETS["scale"] + "; raster rows over " + TOKEN_SETS["raster"]
-        + " of another tokenizer: the losses compare within a group only.",
+        + " of another tokenizer: the losses compare within a group only (raster order has one scale, so its"
+        " last-scale loss is its loss)."
+        + (" †: no held-out evaluation in this run (eval_every=0); the mean training loss (`Lm`, `Lt`) of the last"
+           " logged steps instead, as `python -m var_jax scaling` falls back to: the procedural data never repeats,"
+           " so each training batch is unseen when its loss is taken."
+           if any(r.get("loss_source") == "train" for r in rows) else ""),
         f"FID / precision / recall (k = 3): {meta.get('num_samples', '?')} samples (classes in turn, cfg "
         f"{meta.get('cfg', '?')}, top-k {meta.get('top_k', '?')}, top-p {meta.get('top_p', '?')}) against "
         f"{meta.get('num_refs', '?')} held-out real shapes, in the shapes classifier's outline-feature space "
@@ -285,7 +290,7 @@ def make_table(rows: list[dict], meta: dict) -> str:
         "Class acc.: the shapes classifier's accuracy on the samples' requested classes. "
         "Δ FID: against row 1.",
         f"s / image: mean wall time of a warm, jitted batch of {SAMPLE_BATCH} / {SAMPLE_BATCH} "
-        f"on {meta.get('device', '?')} (first, compiling batch excluded).",
+        f"on {meta.get('device', '?')} (first, compiling batch excluded; the machine was shared with other jobs).",
     ]
     return "\n".join(lines + notes) + "\n"
 

@@ -34,7 +34,10 @@ def test_make_table_layout_and_comparability():
     assert "| +0.00 |" in raster and "| -2.50 |" in var                  # Δ FID against row 1
     assert "87.5%" in var and "0.0123" in var
     assert all(line.count("|") == lines[0].count("|") for line in lines[:5])
-    assert "10 training steps" in text
+    assert "10 training steps" in text and "†" not in text
+    rows[1]["loss_source"] = "train"
+    text = ab.make_table(rows, {})
+    assert "| 3.000† | 4.000† |" in text and "†: no held-out evaluation" in text
 
 
 def test_feature_scores_identical_sets():
