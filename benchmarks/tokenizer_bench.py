@@ -30,7 +30,7 @@ from var_jax.tokenizer.vqvae import VQVAE
 
 def encode(graphdef, state, images):
     model = nnx.merge(graphdef, state)
-    return quantizer.f_to_tokens(model.quantizer_params(), model.encode(images), model.cfg)[0]
+    return quantizer.f_to_tokens(model.quantizer_params(), model.encode(images, per_sample=True), model.cfg)[0]
 
 
 def decode(graphdef, state, tokens):

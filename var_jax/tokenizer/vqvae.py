@@ -206,9 +206,6 @@ class Encoder(nnx.Module):
         self.conv_out = conv(widths[-1], cfg.z_channels, 3, rngs=rngs)
 
     def __call__(self, x):
-        return _one_sample_at_a_time(self, self._forward, x)
-
-    def _forward(self, x):
         h = self.conv_in(x)
         for level in self.down:
             h = level(h)
@@ -233,9 +230,6 @@ class Decoder(nnx.Module):
         self.conv_out = conv(widths[0], 3, 3, rngs=rngs)
 
     def __call__(self, z):
-        return _one_sample_at_a_time(self, self._forward, z)
-
-    def _forward(self, z):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
             h = level(h)
@@ -263,15 +257,22 @@ class VQVAE(nnx.Module):
         self.post_quant_conv = conv(c, c, cfg.quant_conv_ks, rngs=rngs)
         self.decoder = Decoder(cfg, rngs=rngs)
 
-    def encode(self, img):
-        """(B, H, W, 3) in [-1, 1] -> f (B, h, w, Cvae), the continuous features the quantizer sees."""
+    def encode(self, img, *, per_sample: bool = False):
+        """(B, H, W, 3) in [-1, 1] -> f (B, h, w, Cvae), the continuous features the quantizer sees.
+
+        per_sample: on CPU, one image at a time (faster, equal up to float32 rounding). Off by default so that
+        training keeps its batched program; inference entry points (image_to_tokens) turn it on.
+        """
         if img.ndim != 4 or img.shape[-1] != 3:
             raise ValueError(f"VQVAE.encode expects NHWC images with 3 channels, got shape {img.shape}")
-        return self.quant_conv(self.encoder(img))
+        fn = lambda x: self.quant_conv(self.encoder(x))
+        return _one_sample_at_a_time(self, fn, img) if per_sample else fn(img)
 
     def decode(self, f_hat):
         """f_hat (B, h, w, Cvae) -> image (B, H, W, 3) clamped to [-1, 1]."""
-        return jnp.clip(self.decoder(self.post_quant_conv(f_hat)), -1.0, 1.0)
+        # inference only (training calls the unclamped decoder itself), so one sample at a time on CPU
+        return _one_sample_at_a_time(self, lambda f: jnp.clip(self.decoder(self.post_quant_conv(f)), -1.0, 1.0),
+                                     f_hat)
 
     def quantizer_params(self) -> dict:
         """The plain arrays the pure quantizer functions (quantizer.py) take."""
@@ -281,7 +282,7 @@ class VQVAE(nnx.Module):
 
 def image_to_tokens(model: VQVAE, img):
     """Images (B, H, W, 3) in [-1, 1] -> list of per-scale token maps (B, pn²) int32."""
-    return quantizer.f_to_tokens(model.quantizer_params(), model.encode(img), model.cfg)[0]
+    return quantizer.f_to_tokens(model.quantizer_params(), model.encode(img, per_sample=True), model.cfg)[0]
 
 
 def tokens_to_image(model: VQVAE, tokens):
