@@ -30,7 +30,8 @@ images); the class accuracy of the samples by the shapes classifier; sampling se
 time of the warm batches (the first batch, which compiles, is excluded; every batch is the same shape) / 32.
 A reference row gives the same metrics for held-out real shapes against the references (the floor of FID here).
 
-Writes DIR/table3.md (markdown) and DIR/table3.json.
+Writes DIR/table3.md (markdown) and DIR/table3.json, and DIR/<name>/ablation_samples.png (the first samples, one
+column per class) to look at.
 """
 from __future__ import annotations
 
@@ -191,6 +192,8 @@ def evaluate_variant(args, name: str, ref_features, classifier) -> dict:
         times.append(time.perf_counter() - t0)
         images.append(out["images"])
     images = np.concatenate(images)
+    from var_jax.images import save_grid
+    save_grid(run_dir / "ablation_samples.png", images[:4 * num_classes], columns=num_classes)   # to look at
     warm = times[1:]
     _, order, adaln = VARIANTS[name]
     row = {"name": name, "description": VARIANTS[name][0], "order": order, "adaln": adaln,
