@@ -165,35 +165,17 @@ def jax_device_memory_hooks(gpu: bool):
 def jax_train(depth: int, batch: int, with_tokenizer: bool):
     """var-jax's train step as benchmarks/train_bench.py builds it: (run, compile_s, info)."""
     import jax
-    import numpy as np
 
     import train_bench
     import tokenizer_bench
-    from var_jax.data.pipeline import global_batch_from_host
     from var_jax.sharding import make_mesh
-    from var_jax.train.state import init_train_state
     from var_jax.train.var import flops
-    from var_jax.transformer import VAR
 
     mesh = make_mesh((-1, 1, 1))
-    rng = np.random.default_rng(0)
-    images = np.tanh(rng.normal(size=(batch, 256, 256, 3))).astype(np.float32)
-    labels = rng.integers(0, 1000, size=(batch,)).astype(np.int32)
-    step, layout, tok_state, tokenize, var_cfg, _, parts, tx = train_bench.build(depth, batch, mesh,
-                                                                                 with_tokenizer=with_tokenizer)
-    with jax.set_mesh(mesh):
-        state = init_train_state(lambda rngs: VAR(var_cfg, rngs=rngs), tx, layout, mesh, seed=0)
-        if with_tokenizer:
-            batch_data = global_batch_from_host({"image": images, "label": labels}, mesh)
-            frozen = tok_state
-        else:
-            tokens, teacher = jax.jit(tokenize)(tok_state, images)
-            batch_data = global_batch_from_host({"tokens": np.asarray(tokens), "teacher_input": np.asarray(teacher),
-                                                 "label": labels}, mesh)
-            frozen = None
-        t = time.perf_counter()
-        compiled = step.lower(state, batch_data, frozen).compile()
-        compile_s = time.perf_counter() - t
+    prepared = train_bench.compiled_train_step(depth, batch, mesh, with_tokenizer)
+    compiled, state, batch_data, frozen = (prepared[k] for k in ("compiled", "state", "batch", "frozen"))
+    compile_s, var_cfg, parts = prepared["compile_s"], prepared["var_cfg"], prepared["parts"]
+    tokenize, tok_state, images = prepared["tokenize"], prepared["tok_state"], prepared["images"]
     holder = {"state": state}
 
     def run():

@@ -96,37 +96,50 @@ def build(depth: int, batch: int, mesh, *, with_tokenizer: bool, remat: str = "n
     return step, layout, tok_state, tokenize, var_cfg, batch_example, parts, tx
 
 
-def time_steps(depth: int, batch: int, steps: int) -> list[dict]:
+def compiled_train_step(depth: int, batch: int, mesh, with_tokenizer: bool) -> dict:
+    """The compiled d{depth} train step at 256 px with its initial state and a random batch (images when the step
+    tokenises, else pre-computed tokens); also used by compare.py."""
     import jax
     import numpy as np
 
     from var_jax.data.pipeline import global_batch_from_host
-    from var_jax.sharding import make_mesh
-    from var_jax.train.var import flops
     from var_jax.train.state import init_train_state
     from var_jax.transformer import VAR
 
-    mesh = make_mesh((-1, 1, 1))
     rng = np.random.default_rng(0)
     images = np.tanh(rng.normal(size=(batch, 256, 256, 3))).astype(np.float32)
     labels = rng.integers(0, 1000, size=(batch,)).astype(np.int32)
+    step, layout, tok_state, tokenize, var_cfg, _, parts, tx = build(depth, batch, mesh, with_tokenizer=with_tokenizer)
+    with jax.set_mesh(mesh):
+        state = init_train_state(lambda rngs: VAR(var_cfg, rngs=rngs), tx, layout, mesh, seed=0)
+        if with_tokenizer:
+            batch_data = global_batch_from_host({"image": images, "label": labels}, mesh)
+            frozen = tok_state
+        else:
+            tokens, teacher = jax.jit(tokenize)(tok_state, images)
+            batch_data = global_batch_from_host({"tokens": np.asarray(tokens), "teacher_input": np.asarray(teacher),
+                                                 "label": labels}, mesh)
+            frozen = None
+        t = time.perf_counter()
+        compiled = step.lower(state, batch_data, frozen).compile()
+        compile_s = time.perf_counter() - t
+    return {"compiled": compiled, "state": state, "batch": batch_data, "frozen": frozen, "compile_s": compile_s,
+            "var_cfg": var_cfg, "parts": parts, "tokenize": tokenize, "tok_state": tok_state, "images": images}
+
+
+def time_steps(depth: int, batch: int, steps: int) -> list[dict]:
+    import jax
+
+    from var_jax.sharding import make_mesh
+    from var_jax.train.var import flops
+
+    mesh = make_mesh((-1, 1, 1))
     rows = []
     for with_tokenizer in (False, True):
-        step, layout, tok_state, tokenize, var_cfg, _, parts, tx = build(depth, batch, mesh,
-                                                                         with_tokenizer=with_tokenizer)
+        prepared = compiled_train_step(depth, batch, mesh, with_tokenizer)
+        compiled, state, batch_data, frozen = (prepared[k] for k in ("compiled", "state", "batch", "frozen"))
+        compile_s, var_cfg = prepared["compile_s"], prepared["var_cfg"]
         with jax.set_mesh(mesh):
-            state = init_train_state(lambda rngs: VAR(var_cfg, rngs=rngs), tx, layout, mesh, seed=0)
-            if with_tokenizer:
-                batch_data = global_batch_from_host({"image": images, "label": labels}, mesh)
-                frozen = tok_state
-            else:
-                tokens, teacher = jax.jit(tokenize)(tok_state, images)
-                batch_data = global_batch_from_host({"tokens": np.asarray(tokens), "teacher_input": np.asarray(teacher),
-                                                     "label": labels}, mesh)
-                frozen = None
-            t = time.perf_counter()
-            compiled = step.lower(state, batch_data, frozen).compile()
-            compile_s = time.perf_counter() - t
             xla_flops = flops.compiled_flops(compiled)
             state, m = compiled(state, batch_data, frozen)       # warm-up
             jax.block_until_ready(m)
@@ -147,7 +160,7 @@ def time_steps(depth: int, batch: int, steps: int) -> list[dict]:
                "mfu_var": var_flops / per_step / peak,
                "loss": float(m["loss"])}
         rows.append(row)
-        del state
+        del state, prepared
     return rows
 
 
