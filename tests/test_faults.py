@@ -70,7 +70,7 @@ def poison_batches(monkeypatch, bad_steps):
     real = trainer.build_data
 
     def build_data(config):
-        iterator, classes = real(config)
+        iterator, held_out, classes = real(config)
         plain_next, count = type(iterator).__next__, [0]
 
         def poisoned_next(self):
@@ -80,7 +80,7 @@ def poison_batches(monkeypatch, bad_steps):
             return batch
         # same grain iterator (its checkpointing is unchanged), with a NaN-injecting __next__
         iterator.__class__ = type("Poisoned", (type(iterator),), {"__next__": poisoned_next})
-        return iterator, classes
+        return iterator, held_out, classes
     monkeypatch.setattr(trainer, "build_data", build_data)
 
 

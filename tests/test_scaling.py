@@ -32,13 +32,18 @@ def test_fit_recovers_alpha_and_beta_within_one_percent(alpha, beta):
     assert fit["r"] < -0.99 and fit["n"] == 60
 
 
-def test_bootstrap_interval_contains_the_true_alpha_and_is_reproducible():
-    alpha = -0.23
-    x, y = synthetic(alpha, 2.0, n=12, noise=0.03)
-    fit = scaling.fit_power_law(x, y)
-    lo, hi = fit["alpha_ci"]
-    assert lo < fit["alpha"] < hi and lo < alpha < hi
-    assert scaling.fit_power_law(x, y)["alpha_ci"] == [lo, hi]      # fixed seed
+def test_bootstrap_interval_covers_the_true_alpha_and_is_reproducible():
+    # A 95 % interval misses the truth now and then, so one draw can't be the test: over 60 fresh data sets the
+    # percentile bootstrap (12 points) covered α 91.5 % of the time in 200 trials; require 80 % (≥ 3 sd margin).
+    alpha, hits = -0.23, 0
+    for _ in range(60):
+        x, y = synthetic(alpha, 2.0, n=12, noise=0.03)
+        fit = scaling.fit_power_law(x, y)
+        lo, hi = fit["alpha_ci"]
+        assert lo < fit["alpha"] < hi
+        hits += lo < alpha < hi
+    assert hits >= 48, f"the 95 % interval covered the true alpha in only {hits} of 60 draws"
+    assert scaling.fit_power_law(x, y)["alpha_ci"] == [lo, hi]      # fixed bootstrap seed
 
 
 def test_fit_rejects_degenerate_input():
