@@ -248,7 +248,7 @@ def write_plots(report: dict, out_dir) -> list:
 
     out_dir = user_path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    points, written = report["points"], []
+    points, written, source = report["points"], [], report.get("source")
     for x in X_AXES:
         fig, axes = plt.subplots(1, 2, figsize=(10, 4))
         for ax, metrics in zip(axes, (("val_loss", "val_loss_last"), ("val_err", "val_err_last"))):
@@ -257,7 +257,8 @@ def write_plots(report: dict, out_dir) -> list:
                 if not have:
                     continue
                 xs, ys = np.array([p[x] for p in have]), np.array([p[metric] for p in have])
-                ax.scatter(xs, ys, color=colour, label=LABELS[metric], zorder=3)
+                label = LABELS[metric] if source == "val" else LABELS[metric].replace("held-out", "training")
+                ax.scatter(xs, ys, color=colour, label=label, zorder=3)
                 for p, xv, yv in zip(have, xs, ys):
                     ax.annotate(p["run"], (xv, yv), textcoords="offset points", xytext=(4, 4), fontsize=7)
                 fit = report["fits"].get(f"{metric}~{x}")
@@ -275,7 +276,6 @@ def write_plots(report: dict, out_dir) -> list:
             ax.set_ylabel("loss" if metrics[0] == "val_loss" else "error rate")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
-        source = report.get("source")
         fig.suptitle(f"scaling: {len(points)} runs" + (" (training metrics: no held-out metrics logged)"
                                                        if source != "val" else ""))
         fig.tight_layout()
