@@ -84,12 +84,11 @@ def model_parts(model_fn: Callable[[nnx.Rngs], nnx.Module]) -> ModelParts:
     """Structure and buffers of the model, without allocating its params (buffers are built concretely,
     they are small and deterministic)."""
     abstract = nnx.eval_shape(lambda: model_fn(nnx.Rngs(0)))
-    graphdef, param_vars, _ = split_model(abstract)
+    graphdef, param_vars, abstract_rest = split_model(abstract)
     # Buffers must be real arrays: build them outside eval_shape from a model on the CPU-sized default device
     # only when there are any (the abstract rest tells).
-    _, _, abstract_rest = nnx.split(abstract, nnx.Param, ...)
     rest = {}
-    if jax.tree.leaves(pure_dict(abstract_rest)):
+    if jax.tree.leaves(abstract_rest):
         rest = jax.jit(lambda: pure_dict(nnx.split(model_fn(nnx.Rngs(0)), nnx.Param, ...)[2]))()
     return ModelParts(graphdef=graphdef, rest=rest, param_vars=param_vars)
 

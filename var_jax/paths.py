@@ -21,8 +21,6 @@ def is_url(text: PathLike) -> bool:
 
 def user_path(text: PathLike) -> epath.Path:
     """An absolute `epath.Path` for a path typed by a user (relative, absolute, `~`, or a URL)."""
-    if isinstance(text, epath.Path) and is_url(text):
-        return text
     text = os.fspath(text)
     if not text:
         raise ValueError("empty path")

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 
 from var_jax.cli.common import CommandError, add_mesh_argument, batch_mesh
+from var_jax.eval.sources import first_line
 from var_jax.paths import atomic_write_text, user_path
 
 FEATURES = ("inception", "digits")
@@ -47,11 +48,6 @@ def add_arguments(parser):
     add_mesh_argument(parser)
 
 
-def _one_line(e: Exception) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
-
-
 def _network(args, mesh):
     from var_jax.checkpoints import CheckpointError
     from var_jax.eval.evaluate import digits_network, inception_network
@@ -67,7 +63,7 @@ def _network(args, mesh):
     try:
         return inception_network(user_path(args.inception), mesh, args.batch_size)
     except (CheckpointError, InceptionWeightsError) as e:
-        raise CommandError(f"--inception: {_one_line(e)}") from None
+        raise CommandError(f"--inception: {first_line(e)}") from None
 
 
 def _images(option: str, text: str, args, resolution: int | None = None):
@@ -84,7 +80,7 @@ def _images(option: str, text: str, args, resolution: int | None = None):
     try:
         return open_images(user_path(text))
     except SourceError as e:
-        raise CommandError(f"{option} {_one_line(e)}") from None
+        raise CommandError(f"{option} {first_line(e)}") from None
 
 
 def run(args):
@@ -118,7 +114,7 @@ def run(args):
         smp = evaluate.compute_feature_set(samples, network, args.batch_size, desc="samples")
         metrics = evaluate.compare(smp, ref, mesh=mesh)
     except (SourceError, evaluate.StatsFileError, ValueError) as e:   # e.g. too few images for k-NN radii
-        raise CommandError(_one_line(e)) from None
+        raise CommandError(first_line(e)) from None
 
     result = {**metrics, "num_samples": smp.num_images, "num_ref": ref.num_images,
               "inception_score_splits": smp.is_splits, "inception_score_split_size": IS_SPLIT_SIZE,

@@ -20,9 +20,8 @@ import sys
 import tempfile
 
 from var_jax.cli.common import CommandError, add_mesh_argument, batch_mesh
+from var_jax.eval.sources import IMAGE_SUFFIXES   # the eval command reads the same kinds of file
 from var_jax.paths import user_path
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 def add_arguments(parser):

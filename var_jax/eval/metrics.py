@@ -16,8 +16,3 @@ def psnr_per_image(images, references, max_value: float = 255.0) -> np.ndarray:
     mse = np.mean((a - b) ** 2, axis=(1, 2, 3))
     with np.errstate(divide="ignore"):
         return 10.0 * np.log10(max_value ** 2 / mse)
-
-
-def psnr(images, references, max_value: float = 255.0) -> float:
-    """Mean over images of the per-image PSNR (dB)."""
-    return float(np.mean(psnr_per_image(images, references, max_value)))

@@ -62,7 +62,7 @@ class NpzImages:
         except SourceError:
             raise
         except Exception as e:   # a damaged archive: zipfile / numpy raise many types
-            raise SourceError(f"{path}: cannot read as .npz: {_one_line(e)}") from None
+            raise SourceError(f"{path}: cannot read as .npz: {first_line(e)}") from None
         _check_shape(self._shape, self._dtype, str(path))
 
     def _open(self):
@@ -120,7 +120,7 @@ class FolderImages:
             with file.open("rb") as f, Image.open(f) as image:
                 return np.asarray(image.convert("RGB"), np.uint8)
         except Exception as e:
-            raise SourceError(f"{file}: cannot read as an image: {_one_line(e)}") from None
+            raise SourceError(f"{file}: cannot read as an image: {first_line(e)}") from None
 
     def __len__(self):
         return len(self.files)
@@ -151,6 +151,7 @@ def open_images(path):
     return NpzImages(path)
 
 
-def _one_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
+    """The first line of an error's message (its type name when it has none), for one-line CLI errors."""
     text = str(e).strip().splitlines()
     return text[0] if text else type(e).__name__
