@@ -174,7 +174,7 @@ def jax_train(depth: int, batch: int, with_tokenizer: bool):
     mesh = make_mesh((-1, 1, 1))
     prepared = train_bench.compiled_train_step(depth, batch, mesh, with_tokenizer)
     compiled, state, batch_data, frozen = (prepared[k] for k in ("compiled", "state", "batch", "frozen"))
-    compile_s, var_cfg, parts = prepared["compile_s"], prepared["var_cfg"], prepared["parts"]
+    compile_s, var_cfg = prepared["compile_s"], prepared["var_cfg"]
     tokenize, tok_state, images = prepared["tokenize"], prepared["tok_state"], prepared["images"]
     holder = {"state": state}
 
@@ -186,17 +186,9 @@ def jax_train(depth: int, batch: int, with_tokenizer: bool):
     flop = flops.var_train_flops_per_example(var_cfg) * batch
     if with_tokenizer:   # the frozen encoder + quantizer, forward only
         flop += tokenizer_bench.matmul_flops(tokenize, tok_state, images)
-    info = {"flops": flop, "compute_dtype": var_cfg.compute_dtype, "params_var": parts_param_count(parts),
+    info = {"flops": flop, "compute_dtype": var_cfg.compute_dtype,
             "xla_memory_estimate_bytes": memory_estimate(compiled)}
     return run, compile_s, info
-
-
-def parts_param_count(parts):
-    import jax
-    try:
-        return int(sum(x.size for x in jax.tree.leaves(parts.param_vars)))
-    except Exception:
-        return None
 
 
 def memory_estimate(compiled):

@@ -109,7 +109,7 @@ def compiled_train_step(depth: int, batch: int, mesh, with_tokenizer: bool) -> d
     rng = np.random.default_rng(0)
     images = np.tanh(rng.normal(size=(batch, 256, 256, 3))).astype(np.float32)
     labels = rng.integers(0, 1000, size=(batch,)).astype(np.int32)
-    step, layout, tok_state, tokenize, var_cfg, _, parts, tx = build(depth, batch, mesh, with_tokenizer=with_tokenizer)
+    step, layout, tok_state, tokenize, var_cfg, _, _, tx = build(depth, batch, mesh, with_tokenizer=with_tokenizer)
     with jax.set_mesh(mesh):
         state = init_train_state(lambda rngs: VAR(var_cfg, rngs=rngs), tx, layout, mesh, seed=0)
         if with_tokenizer:
@@ -124,7 +124,7 @@ def compiled_train_step(depth: int, batch: int, mesh, with_tokenizer: bool) -> d
         compiled = step.lower(state, batch_data, frozen).compile()
         compile_s = time.perf_counter() - t
     return {"compiled": compiled, "state": state, "batch": batch_data, "frozen": frozen, "compile_s": compile_s,
-            "var_cfg": var_cfg, "parts": parts, "tokenize": tokenize, "tok_state": tok_state, "images": images}
+            "var_cfg": var_cfg, "tokenize": tokenize, "tok_state": tok_state, "images": images}
 
 
 def time_steps(depth: int, batch: int, steps: int) -> list[dict]:

@@ -211,15 +211,14 @@ def real_row(args, ref_features, classifier, resolution: int) -> dict:
     """Held-out real shapes (disjoint from the references) scored like the samples: the floor of each metric."""
     import numpy as np
     from var_jax.data import shapes
-    from var_jax.eval.shapes_classifier import shape_features
     start = REF_START + args.num_refs
-    images, _ = reference_features(args.num_samples, resolution, start)
+    images, features = reference_features(args.num_samples, resolution, start)
     labels = np.array([shapes.label_of(i) for i in range(start, start + args.num_samples)])
     row = {"name": "real", "description": "held-out real shapes (reference)", "order": "", "adaln": None,
            "params": None, "params_total": None, "val_loss": None, "val_loss_last": None,
            "num_samples": args.num_samples, "accuracy": float(classifier.accuracy(images, labels)),
            "sec_per_image": None}
-    row.update(feature_scores(ref_features, shape_features(images)))
+    row.update(feature_scores(ref_features, features))
     return row
 
 
@@ -304,15 +303,15 @@ def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
     names = variant_names(args)
+    # widths are needed for the commands, dry run included
+    from var_jax.data import shapes
+    infos = {"scale": tokenizer_info(args.tokenizer), "raster": tokenizer_info(args.raster_tokenizer)}
     widths = {}
-    if True:   # widths are needed for the commands, dry run included
-        from var_jax.data import shapes
-        infos = {"scale": tokenizer_info(args.tokenizer), "raster": tokenizer_info(args.raster_tokenizer)}
-        for name in names:
-            _, order, adaln = VARIANTS[name]
-            base = REFERENCE_WIDTH_PER_DEPTH * args.depth
-            widths[name] = base if adaln or args.same_width else matched_width(
-                args.depth, order, infos[order], shapes.NUM_CLASSES)
+    for name in names:
+        _, order, adaln = VARIANTS[name]
+        base = REFERENCE_WIDTH_PER_DEPTH * args.depth
+        widths[name] = base if adaln or args.same_width else matched_width(
+            args.depth, order, infos[order], shapes.NUM_CLASSES)
     wall = {}
     if not args.table_only:
         for name in names:

@@ -35,6 +35,7 @@ sys.path.insert(0, str(REPO_ROOT))   # so that a checkout that is not pip-instal
 
 from var_jax.cli.common import CommandError, parse_int_list  # noqa: E402
 from var_jax.cli.train import config_overrides  # noqa: E402
+from var_jax.paths import user_path  # noqa: E402
 
 REFERENCE_WIDTH_PER_DEPTH = 64      # VAR: C = 64·depth, heads = depth
 SLURM_LAUNCHER = REPO_ROOT / "launch" / "slurm_gpu.sh"
@@ -65,11 +66,6 @@ def parse_args(argv):
     except CommandError as e:
         parser.error(str(e))
     return args
-
-
-def sweep_dir_path(text: str) -> str:
-    """The sweep directory as every run sees it: absolute for local paths, untouched for URLs (gs://...)."""
-    return text if "://" in text else os.path.abspath(os.path.expanduser(text))
 
 
 def train_arguments(args, depth: int) -> list[str]:
@@ -124,7 +120,7 @@ def main(argv=None) -> int:
         raise CommandError(f"--width-per-depth must be >= 1, got {args.width_per_depth}")
     if not os.path.isfile(args.config.partition(":")[0]):
         raise CommandError(f"--config: no config file {args.config.partition(':')[0]}")
-    args.sweep_dir = sweep_dir_path(args.sweep_dir)
+    args.sweep_dir = str(user_path(args.sweep_dir))   # as every run sees it: absolute, or the URL
 
     if args.slurm:
         script = slurm_script(args, depths)

@@ -34,7 +34,6 @@ FEATURE_RESOLUTION = 32   # the renders the network is trained on; inputs of any
 
 class DigitsFeatureNet:
     def __init__(self, mlp, held_out_accuracy: float):
-        self.mlp = mlp
         self.held_out_accuracy = held_out_accuracy
         self.hidden_weights = mlp.coefs_[0].astype(np.float64)
         self.hidden_bias = mlp.intercepts_[0].astype(np.float64)

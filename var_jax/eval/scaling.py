@@ -33,6 +33,8 @@ from flax import nnx
 
 from var_jax.checkpoints import read_model_config
 from var_jax.paths import atomic_write, atomic_write_text, user_path
+from var_jax.train.logging import METRICS_FILE
+from var_jax.train.trainer import MODEL_DIR, TRAIN_CONFIG_FILE
 from var_jax.train.var.flops import var_train_flops_per_example
 from var_jax.transformer import VAR, VARConfig
 
@@ -47,7 +49,6 @@ BOOTSTRAP_SAMPLES = 2000
 BOOTSTRAP_SEED = 0
 CI_LEVEL = 0.95
 FLAT_TOLERANCE = 1e-9       # relative spread of log y below which y counts as constant (float round-off)
-MODEL_DIR, RUN_CONFIG, METRICS_FILE = "model", "train_config.json", "metrics.jsonl"   # var_jax.train.trainer's
 OLD_RUN_CONFIG = "config.json"      # the run config's name in workdirs from before train_config.json
 LABELS = {"params": "non-embedding parameters N", "flops": "training compute C (FLOPs)",
           "val_loss": "held-out loss (all tokens)", "val_loss_last": "held-out loss (last scale)",
@@ -171,7 +172,7 @@ def collect_run(run_dir) -> dict:
     model_config = read_model_config(run_dir / MODEL_DIR)
     if not model_config.get("var"):
         raise ValueError(f"{run_dir / MODEL_DIR}: holds no VAR transformer (a tokenizer run?)")
-    run_config_path = run_dir / RUN_CONFIG
+    run_config_path = run_dir / TRAIN_CONFIG_FILE
     if not run_config_path.exists():
         run_config_path = run_dir / OLD_RUN_CONFIG
     run_config = json.loads(run_config_path.read_text())

@@ -136,9 +136,6 @@ class TrainCheckpointer:
                 atomic_write_text(run_path, json.dumps(current, indent=2, sort_keys=True) + "\n")
 
     # ---- save / restore --------------------------------------------------------------------------------------
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
     def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
         """Asynchronous save; returns whether a checkpoint was started (orbax skips existing steps)."""
         if step in self.manager.all_steps():

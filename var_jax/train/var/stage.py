@@ -84,9 +84,9 @@ def build_var_stage(config, mesh, dataset_classes: int) -> Stage:
                                   total_steps=int(config.total_steps), mask=optimizer.decay_mask(parts.param_vars))
     layout = abstract_train_state(parts, tx, mesh)
 
-    tok_graphdef, tok_state = nnx.split(tokenizer)
-    tok_state = nnx.to_pure_dict(tok_state)
-    tok_shardings = nnx.to_pure_dict(state_shardings(nnx.split(tokenizer)[1], mesh))
+    tok_graphdef, tok_params = nnx.split(tokenizer)
+    tok_state = nnx.to_pure_dict(tok_params)
+    tok_shardings = nnx.to_pure_dict(state_shardings(tok_params, mesh))
     tokenize = make_tokenizer_fn(tok_graphdef, tok_cfg, order=var_cfg.order)
     image_size = int(config.data.image_size)
     batch_example = {"image": jax.ShapeDtypeStruct((int(config.batch_size), image_size, image_size, 3), np.float32),
