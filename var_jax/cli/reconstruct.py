@@ -131,7 +131,7 @@ def reconstruct_batch(graphdef, state, images):
     from var_jax.tokenizer.quantizer import f_to_tokens
 
     model = nnx.merge(graphdef, state)
-    tokens, f_hats = f_to_tokens(model.quantizer_params(), model.encode(images), model.cfg)
+    tokens, f_hats = f_to_tokens(model.quantizer_params(), model.encode(images, per_sample=True), model.cfg)
     return model.decode(f_hats[-1]), tokens
 
 
