@@ -67,7 +67,7 @@ def add_run_settings_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compute-dtype", default="auto",
                         help="activation dtype: auto (bfloat16 on GPU/TPU, float32 on CPU), float32 or bfloat16")
     parser.add_argument("--attention-impl", default="auto",
-                        help="auto, grouped, xla or cudnn (see var_jax/transformer/config.py)")
+                        help="auto, grouped, xla, cudnn, splash or pallas (see var_jax/transformer/config.py)")
 
 
 def run_settings_from_args(args):

@@ -15,6 +15,7 @@ from flax import nnx
 
 from var_jax.sharding import constrain
 from var_jax.transformer.attention import QueryGroup, attention, dense_mask, grouped_attention
+from var_jax.transformer.block_sparse import KERNEL_BACKENDS, block_sparse_attention
 from var_jax.transformer.config import VARConfig
 
 # scale_mul is clamped at ln(100) before exp(): the attention temperature of the L2-normalised q/k never exceeds 100.
@@ -110,20 +111,24 @@ class SelfAttention(nnx.Module):
         """Attention of q (B, l, H, hd) over k/v (B, S, H, hd). mask: None (every key visible), a bool array
         broadcastable to (B, H, l, S) (True = keep), or a tuple of QueryGroup (block-causal self-attention)."""
         scale = 1.0 if self.l2_norm else PLAIN_ATTN_SCALE_FACTOR / math.sqrt(self.head_dim)
-        k, v = k.astype(q.dtype), v.astype(q.dtype)
+        out = self._attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale)
+        B, l = q.shape[:2]
+        return self.proj(out.reshape(B, l, self.heads * self.head_dim))
+
+    def _attention(self, q, k, v, mask, scale):
+        """-> (B, l, H, hd) by the implementation `self.impl` names (ATTENTION_IMPLS)."""
         groups = isinstance(mask, tuple) and all(isinstance(g, QueryGroup) for g in mask)
         impl = self.impl
+        if impl in KERNEL_BACKENDS:
+            if groups:
+                return block_sparse_attention(impl, q, k, v, mask, scale)
+            impl = "auto"   # the block-sparse kernels cover the static block-causal mask only, not KV-cache steps
         if impl == "auto":
             impl = "grouped" if jax.default_backend() == "cpu" else None
         if impl != "grouped":
             mask = jnp.asarray(dense_mask(mask)) if groups else mask
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
-        elif groups:
-            out = grouped_attention(q, k, v, mask, scale)
-        else:
-            out = attention(q, k, v, mask, scale)
-        B, l = q.shape[:2]
-        return self.proj(out.reshape(B, l, self.heads * self.head_dim))
+            return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation=impl)
+        return grouped_attention(q, k, v, mask, scale) if groups else attention(q, k, v, mask, scale)
 
 
 class FFN(nnx.Module):

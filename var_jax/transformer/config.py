@@ -28,8 +28,11 @@ REMAT_MODES = ("none", "block")
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # "grouped": var_jax/transformer/attention.py (skips masked score blocks, lean backward; fastest on CPU);
 # "xla" / "cudnn": jax.nn.dot_product_attention with that implementation; "auto": "grouped" on CPU, else
-# jax.nn.dot_product_attention choosing its implementation (cuDNN flash attention on GPUs where it applies).
-ATTENTION_IMPLS = ("auto", "grouped", "xla", "cudnn")
+# jax.nn.dot_product_attention choosing its implementation (cuDNN flash attention on GPUs where it applies);
+# "splash" (TPU) / "pallas" (GPU): var_jax/transformer/block_sparse.py, kernels that skip the fully masked tiles of
+# the block-causal mask (full-sequence attention only; KV-cache steps take the "auto" path). Checked in the Pallas
+# interpreter on CPU only, never timed on hardware, so "auto" does not pick them.
+ATTENTION_IMPLS = ("auto", "grouped", "xla", "cudnn", "splash", "pallas")
 # VARConfig fields that say how to run the model, not what it is: not saved with it, free to change on resume.
 RUN_SETTINGS = ("compute_dtype", "remat", "attention_impl")
 ACCELERATOR_BACKENDS = ("gpu", "tpu", "cuda", "rocm")
