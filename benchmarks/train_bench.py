@@ -84,7 +84,7 @@ def build(depth: int, batch: int, mesh, *, with_tokenizer: bool, remat: str = "n
     tokenize = make_tokenizer_fn(tok_graphdef, tok_cfg)
     size, L = tok_cfg.image_size, var_cfg.seq_len
     if with_tokenizer:
-        batch_example = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), "float32"),
+        batch_example = {"image": jax.ShapeDtypeStruct((batch, size, size, 3), "uint8"),   # as the pipeline sends
                          "label": jax.ShapeDtypeStruct((batch,), "int32")}
     else:
         batch_example = {"tokens": jax.ShapeDtypeStruct((batch, L), "int32"),
@@ -107,7 +107,7 @@ def compiled_train_step(depth: int, batch: int, mesh, with_tokenizer: bool) -> d
     from var_jax.transformer import VAR
 
     rng = np.random.default_rng(0)
-    images = np.tanh(rng.normal(size=(batch, 256, 256, 3))).astype(np.float32)
+    images = rng.integers(0, 256, size=(batch, 256, 256, 3), dtype=np.uint8)   # as the pipeline sends them
     labels = rng.integers(0, 1000, size=(batch,)).astype(np.int32)
     step, layout, tok_state, tokenize, var_cfg, _, _, tx = build(depth, batch, mesh, with_tokenizer=with_tokenizer)
     with jax.set_mesh(mesh):

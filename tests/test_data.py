@@ -2,6 +2,8 @@
 import io
 import logging
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -103,6 +105,15 @@ def test_model_range_is_x_times_2_minus_1():
     np.testing.assert_array_equal(transforms.from_model_range(floats), values)
     with pytest.raises(TypeError, match="uint8"):
         transforms.to_model_range(floats)
+
+
+def test_device_conversion_is_the_host_conversion_bit_for_bit():
+    values = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
+    on_device = jax.jit(transforms.to_model_range_on_device)(values)
+    assert on_device.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(on_device), transforms.to_model_range(values))
+    floats = transforms.to_model_range(values)            # already in the model's range: unchanged
+    np.testing.assert_array_equal(np.asarray(jax.jit(transforms.to_model_range_on_device)(floats)), floats)
 
 
 @pytest.mark.parametrize("mode", ["RGB", "L", "RGBA"])
@@ -283,7 +294,7 @@ def test_tfds_array_record_source_reads_what_was_written(tfds_dir):
     assert source[0]["label"].dtype == np.int32
     batch = next(iter(make_dataset(source, image_size=16, global_batch_size=7, seed=0, shard_index=0,
                                    shard_count=1, num_threads=2)))
-    assert batch["image"].shape == (7, 16, 16, 3) and batch["image"].dtype == np.float32
+    assert batch["image"].shape == (7, 16, 16, 3) and batch["image"].dtype == np.uint8
 
 
 def test_tfds_mock_grayscale_dataset_becomes_rgb():
@@ -332,8 +343,7 @@ def test_same_seed_same_batches_and_another_seed_differs():
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
     assert any(not np.array_equal(a["label"], b["label"]) for a, b in zip(first, other))
-    assert first[0]["label"].dtype == np.int32 and first[0]["image"].dtype == np.float32
-    assert -1.0 <= first[0]["image"].min() and first[0]["image"].max() <= 1.0
+    assert first[0]["label"].dtype == np.int32 and first[0]["image"].dtype == np.uint8
 
 
 def test_epochs_are_complete_and_reshuffled():
@@ -353,7 +363,7 @@ def test_eval_order_and_pixels_follow_the_source():
     images = np.concatenate([b["image"] for b in batches])
     np.testing.assert_array_equal(np.concatenate([b["label"] for b in batches]), np.arange(6))
     for i in range(6):
-        expected = transforms.to_model_range(transforms.preprocess(source.images[i], 8, train=False))
+        expected = transforms.preprocess(source.images[i], 8, train=False)
         np.testing.assert_array_equal(images[i], expected)
 
 

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
@@ -64,10 +65,19 @@ def straight(tmp_path_factory, tokenizer_dir, cache_dir):
     return workdir
 
 
+# Images travel as uint8 and cannot be NaN; their conversion to floats inside the step can. A batch whose every
+# pixel is this value (no real batch is one flat grey) converts to NaN under poison_batches.
+POISON = 7
+
+
 def poison_batches(monkeypatch, bad_steps):
-    """Batches at the given 1-based steps get NaN images: a non-finite loss reaches the step through the data."""
+    """Batches at the given 1-based steps become NaN images inside the train step: a non-finite input reaches the
+    step where it can still arise (the on-device conversion, patched here to turn POISON batches into NaN)."""
     from var_jax.train import trainer
-    real = trainer.build_data
+    from var_jax.train.var import step
+    real, convert = trainer.build_data, step.to_model_range_on_device
+    monkeypatch.setattr(step, "to_model_range_on_device",
+                        lambda images: jnp.where(jnp.all(images == POISON), jnp.nan, convert(images)))
 
     def build_data(config):
         iterator, held_out, classes = real(config)
@@ -76,9 +86,9 @@ def poison_batches(monkeypatch, bad_steps):
         def poisoned_next(self):
             batch, count[0] = plain_next(self), count[0] + 1
             if count[0] in bad_steps:
-                batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+                batch = {**batch, "image": np.full_like(batch["image"], POISON)}
             return batch
-        # same grain iterator (its checkpointing is unchanged), with a NaN-injecting __next__
+        # same grain iterator (its checkpointing is unchanged), with a poisoning __next__
         iterator.__class__ = type("Poisoned", (type(iterator),), {"__next__": poisoned_next})
         return iterator, held_out, classes
     monkeypatch.setattr(trainer, "build_data", build_data)

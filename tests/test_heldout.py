@@ -119,8 +119,7 @@ def test_class_dropout_in_evaluation_is_a_switch(var_run):
     tok_graphdef, tok_state = nnx.split(bundle.tokenizer)
     tokenize = make_tokenizer_fn(tok_graphdef, bundle.tokenizer.cfg)
     source = DigitsSource(IMAGE_SIZE, split="test")
-    batch = {"image": np.stack([to_model_range(preprocess(source[i]["image"], IMAGE_SIZE, train=False))
-                                for i in range(64)]),
+    batch = {"image": np.stack([preprocess(source[i]["image"], IMAGE_SIZE, train=False) for i in range(64)]),
              "label": np.array([source[i]["label"] for i in range(64)], np.int32), "mask": np.ones(64, np.float32),
              "index": np.int32(0)}
     frozen = nnx.to_pure_dict(tok_state)
@@ -200,7 +199,7 @@ def _write_folder(root, per_class: int):
 
 
 def _uid(image):
-    rgb = np.rint((np.asarray(image)[0, 0] + 1.0) * 127.5).astype(int)
+    rgb = np.asarray(image)[0, 0].astype(int)
     return int(rgb[0] + 256 * rgb[1])
 
 

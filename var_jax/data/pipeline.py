@@ -10,6 +10,9 @@ depend on it either); shards are disjoint and cover the stream.
 The iterator (`iter(make_dataset(...))`) is a grain DatasetIterator: `get_state()` / `set_state()` give a small
 JSON-able dict; `checkpoint_save_args` / `checkpoint_restore_args` wrap it for an orbax CheckpointManager.
 
+Images travel as uint8 (4× fewer bytes than float32 from the host to the devices); the jitted steps turn them
+into the model's float32 [-1, 1] with transforms.to_model_range_on_device.
+
 Held-out evaluation (`make_eval_dataset`): one pass in source order, centre crops, the last global batch padded
 with repeats of real images and a 'mask' (1.0 real, 0.0 padding), so every image counts exactly once whatever the
 batch size and number of hosts.
@@ -23,7 +26,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from var_jax.data.transforms import preprocess, to_model_range
+from var_jax.data.transforms import preprocess
 from var_jax.sharding import batch_sharding, data_parallel_size
 
 
@@ -32,7 +35,7 @@ def _transform_example(example: dict, rng: np.random.Generator | None, *, image_
     image = preprocess(example["image"], image_size, train=train, rng=rng, hflip=hflip)
     # skipped_images: 1 where the source replaced an unreadable file by the next readable one (folder.py); it
     # travels with the example so that grain worker processes need no side channel, and the train step sums it.
-    out = {"image": to_model_range(image), "label": np.int32(example["label"]),
+    out = {"image": image, "label": np.int32(example["label"]),
            "skipped_images": np.int32(example.get("skipped_images", 0))}
     if "mask" in example:      # held-out padding (make_eval_dataset)
         out["mask"] = np.float32(example["mask"])
@@ -61,8 +64,9 @@ def make_dataset(source, *, image_size: int, global_batch_size: int, seed: int, 
                  shard_index: int | None = None, shard_count: int | None = None, num_epochs: int | None = None,
                  worker_count: int = 0, hflip: bool = False, drop_remainder: bool = True, num_threads: int = 8,
                  prefetch_buffer_size: int = 8) -> grain.IterDataset:
-    """Batches {'image': float32 (B, R, R, 3) in [-1, 1], 'label': int32 (B,), 'skipped_images': int32 (B,)} for
-    this host, B = global / hosts ('skipped_images': 1 where an unreadable file was replaced).
+    """Batches {'image': uint8 (B, R, R, 3), 'label': int32 (B,), 'skipped_images': int32 (B,)} for this host,
+    B = global / hosts ('skipped_images': 1 where an unreadable file was replaced). The steps convert the images
+    to [-1, 1] on the devices (transforms.to_model_range_on_device).
 
     train: seeded shuffle, random crops (and flips with `hflip`); otherwise source order and centre crops.
     num_epochs: None repeats forever. drop_remainder: the stream is cut to whole global batches, so every host

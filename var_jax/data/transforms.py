@@ -4,6 +4,9 @@ Training: shorter side to round(1.125·R) with LANCZOS, random R×R crop, option
 default, as in the reference). Evaluation: the same resize, then the centre R×R crop. Models see float32 NHWC
 in [-1, 1] (x·2−1 of x in [0, 1]).
 
+The pipeline's batches stay uint8 up to the devices (4× fewer bytes to move than float32): the jitted steps call
+`to_model_range_on_device`, which gives exactly `to_model_range`'s numbers.
+
 The size and crop arithmetic follows torchvision's `Resize(int)`, `CenterCrop` and `RandomCrop`, which the
 reference uses, so that the same image gives the same pixels here.
 """
@@ -11,6 +14,7 @@ from __future__ import annotations
 
 import os
 
+import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
@@ -89,6 +93,20 @@ def to_model_range(images: np.ndarray) -> np.ndarray:
     if images.dtype != np.uint8:
         raise TypeError(f"expected uint8 images, got {images.dtype}")
     return images.astype(np.float32) * np.float32(2.0 / 255.0) - np.float32(1.0)
+
+
+# to_model_range of every uint8 value. The device conversion looks these up rather than recomputing x·(2/255) − 1:
+# XLA fuses that into one fma (its CPU backend does), which rounds once instead of twice and changes 158 of the
+# 256 values. The table is 1 KiB; the lookup costs what the multiply-add would.
+_MODEL_RANGE_TABLE = to_model_range(np.arange(256, dtype=np.uint8))
+
+
+def to_model_range_on_device(images):
+    """Inside a jitted step: uint8 [0, 255] -> float32 [-1, 1], bit for bit `to_model_range` on any backend.
+    Float images are taken to be in the model's range already and only cast to float32."""
+    if images.dtype != jnp.uint8:
+        return images.astype(jnp.float32)
+    return jnp.take(jnp.asarray(_MODEL_RANGE_TABLE), images.astype(jnp.int32), mode="clip")
 
 
 def from_model_range(images) -> np.ndarray:

@@ -54,8 +54,10 @@ def tree_all_finite(tree) -> jax.Array:
 def finish_step(old, new, loss, grad_norm, batch) -> tuple[Any, dict]:
     """The end of every train step (VAR and tokenizer): drop a non-finite update and count faults.
 
-    `old` is the state the step started from, `new` the state it computed (step already advanced). When the loss,
-    the gradient norm, any new parameter or any float in the batch is not finite, every field of `new` (params, optimizer state, and any
+    `old` is the state the step started from, `new` the state it computed (step already advanced); `batch` is the
+    step's batch with its images as the model saw them (float, after transforms.to_model_range_on_device: uint8
+    images are finite by construction, what the model reads need not be). When the loss, the gradient norm, any
+    new parameter or any float in the batch is not finite, every field of `new` (params, optimizer state, and any
     other state such as the tokenizer's usage EMA) is replaced by `old`'s, bit for bit, except that the step still
     advances: the data iterator has consumed the batch and per-step keys are fold_in(rng, step), so step number,
     batch and keys stay aligned and a resumed run replays the same sequence. The optimizer's own count (the

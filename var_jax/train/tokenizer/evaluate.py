@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from var_jax.data.transforms import to_model_range_on_device
 from var_jax.tokenizer import quantizer
 from var_jax.tokenizer.config import TokenizerConfig
 from var_jax.train.tokenizer import losses
@@ -29,7 +30,7 @@ def make_tokenizer_eval_step(merge: Callable[[Any], Any], cfg: TokenizerConfig, 
     def eval_step(params, batch, frozen):
         del frozen   # LPIPS is not evaluated on the held-out split
         generator = merge(params).generator
-        images = batch["image"].astype(jnp.float32)
+        images = to_model_range_on_device(batch["image"])
         mask = batch["mask"].astype(jnp.float32)
         f_hat, _, tokens, _ = quantizer.quantize_for_training(generator.quantizer_params(), generator.encode(images),
                                                               cfg)

@@ -20,6 +20,7 @@ from flax import nnx
 
 from var_jax.checkpoints import model_parts, save_model_dir
 from var_jax.data.pipeline import global_batch_from_host
+from var_jax.data.transforms import to_model_range_on_device
 from var_jax.sharding import replicated, state_shardings
 from var_jax.tokenizer.config import TokenizerConfig
 from var_jax.tokenizer.vqvae import image_to_tokens, tokens_to_image
@@ -104,7 +105,7 @@ def build_tokenizer_stage(config, mesh, dataset_classes: int) -> Stage:
                                   total_steps=total_steps)
     layout = tokenizer_state_layout(parts, tx, mesh, tok_cfg)
     step = jit_train_step(make_tokenizer_train_step(parts.merge, tx, tok_cfg, loss_cfg, merge_lpips), layout, mesh,
-                          {"image": jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), np.float32),
+                          {"image": jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), np.uint8),
                            "skipped_images": jax.ShapeDtypeStruct((batch_size,), np.int32)},
                           lpips_shardings)
 
@@ -120,7 +121,7 @@ def build_tokenizer_stage(config, mesh, dataset_classes: int) -> Stage:
             make_tokenizer_eval_step(parts.merge, tok_cfg, loss_cfg.recon_kind),
             lambda sums: tokenizer_val_metrics(sums, tok_cfg.patch_nums), mesh=mesh,
             param_shardings=layout.shardings.params, frozen=None, frozen_shardings=None,
-            batch_example={"image": jax.ShapeDtypeStruct((size, image_size, image_size, 3), np.float32),
+            batch_example={"image": jax.ShapeDtypeStruct((size, image_size, image_size, 3), np.uint8),
                            "mask": jax.ShapeDtypeStruct((size,), np.float32)})
 
     def export(state, directory):
@@ -150,7 +151,8 @@ def _reconstruction_grid(config, parts, mesh):
     def make_batch(local, step: int):
         batch = global_batch_from_host({"image": local["image"], "skipped_images": local["skipped_images"]}, mesh)
         if int(config.sample_every) > 0 and "images" not in kept:
-            kept["images"] = jax.jit(lambda x: x[:count], out_shardings=replicated(mesh))(batch["image"])
+            kept["images"] = jax.jit(lambda x: to_model_range_on_device(x[:count]),
+                                     out_shardings=replicated(mesh))(batch["image"])
         return batch
 
     def originals_and_reconstructions(params, images):

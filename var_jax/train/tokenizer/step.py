@@ -10,8 +10,8 @@ images vs the same reconstructions (taken before the generator update, one forwa
 Both updates go through one `optax.multi_transform` holding the two optimizers (params {'generator',
 'discriminator'}), so the train state keeps the shape of var_jax.train.state.TrainState, plus the code-usage EMA.
 
-The batch is {'image': (B, H, W, 3) in [-1, 1], ...}; `frozen` is the LPIPS network's params (or None).
-Everything runs in float32.
+The batch is {'image': (B, H, W, 3) uint8 (or float in [-1, 1]), ...}; `frozen` is the LPIPS network's params
+(or None). Everything runs in float32.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from var_jax.data.transforms import to_model_range_on_device
 from var_jax.tokenizer import quantizer
 from var_jax.tokenizer.config import TokenizerConfig
 from var_jax.train.tokenizer import losses
@@ -86,7 +87,7 @@ def make_tokenizer_train_step(merge: Callable[[Any], Any], tx: optax.GradientTra
         if lc.use_gan != ("discriminator" in state.params):
             raise ValueError("tokenizer train step: the params must hold a discriminator exactly when "
                              f"disc_weight > 0 (disc_weight={lc.disc_weight}, params: {sorted(state.params)})")
-        images = batch["image"].astype(jnp.float32)
+        images = to_model_range_on_device(batch["image"])
         restart_key = jax.random.fold_in(state.rng, state.step)
         factor = losses.disc_factor(state.step, lc.disc_start) if lc.use_gan else jnp.float32(0.0)
 
@@ -166,7 +167,7 @@ def make_tokenizer_train_step(merge: Callable[[Any], Any], tx: optax.GradientTra
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, usage_ema=ema,
                                   usage_updates=state.usage_updates + 1)
         # A non-finite loss or gradient (generator or discriminator) drops the whole update, usage EMA included.
-        new_state, counters = finish_step(state, new_state, loss, optax.tree.norm(grads), batch)
+        new_state, counters = finish_step(state, new_state, loss, optax.tree.norm(grads), {**batch, "image": images})
         return new_state, {**metrics, **counters}
 
     return train_step

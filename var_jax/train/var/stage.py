@@ -89,7 +89,7 @@ def build_var_stage(config, mesh, dataset_classes: int) -> Stage:
     tok_shardings = nnx.to_pure_dict(state_shardings(tok_params, mesh))
     tokenize = make_tokenizer_fn(tok_graphdef, tok_cfg, order=var_cfg.order)
     image_size = int(config.data.image_size)
-    batch_example = {"image": jax.ShapeDtypeStruct((int(config.batch_size), image_size, image_size, 3), np.float32),
+    batch_example = {"image": jax.ShapeDtypeStruct((int(config.batch_size), image_size, image_size, 3), np.uint8),
                      "label": jax.ShapeDtypeStruct((int(config.batch_size),), np.int32),
                      "skipped_images": jax.ShapeDtypeStruct((int(config.batch_size),), np.int32)}
     if sched.enabled:
@@ -137,7 +137,7 @@ def _make_evaluator(config, eval_cfg, mesh, parts, layout, var_cfg, tokenize, to
     if not eval_cfg.every:
         return None
     size, image_size = eval_cfg.batch_size, int(config.data.image_size)
-    batch_example = {"image": jax.ShapeDtypeStruct((size, image_size, image_size, 3), np.float32),
+    batch_example = {"image": jax.ShapeDtypeStruct((size, image_size, image_size, 3), np.uint8),
                      "label": jax.ShapeDtypeStruct((size,), np.int32),
                      "mask": jax.ShapeDtypeStruct((size,), np.float32)}
     if eval_cfg.class_dropout:

@@ -1,10 +1,10 @@
 """The VAR train step: one pure function (state, batch, frozen) -> (state, metrics).
 
-With on-the-fly tokenisation (`tokenize=make_tokenizer_fn(...)`) the batch is {'image' (B,H,W,3) in [-1,1],
-'label' (B,)} and `frozen` is the tokenizer's parameters: the frozen tokenizer runs inside the step in float32
-(images -> f -> per-scale tokens -> teacher-forcing input), without gradients. Without it (`tokenize=None`) the
-batch carries pre-computed {'tokens' (B,L) int, 'teacher_input' (B,L-1,Cvae), 'label'} and `frozen` is
-ignored (benchmarks, pre-tokenised datasets).
+With on-the-fly tokenisation (`tokenize=make_tokenizer_fn(...)`) the batch is {'image' (B,H,W,3) uint8 (or
+float in [-1,1]), 'label' (B,)} and `frozen` is the tokenizer's parameters: the frozen tokenizer runs inside the
+step in float32 (images -> [-1, 1] -> f -> per-scale tokens -> teacher-forcing input), without gradients.
+Without it (`tokenize=None`) the batch carries pre-computed {'tokens' (B,L) int, 'teacher_input' (B,L-1,Cvae),
+'label'} and `frozen` is ignored (benchmarks, pre-tokenised datasets).
 
 An optional batch entry 'loss_ramp' (float32 scalar) scales the newest scale's loss weight in progressive
 training (see progressive.py); `prog_si` (static) truncates the sequence to the first prog_si+1 scales.
@@ -25,6 +25,7 @@ from var_jax.train.var import loss as var_loss
 from var_jax.train.optimizer import current_hyperparams
 from var_jax.train.var.progressive import truncated_weights
 from var_jax.checkpoints import ModelParts
+from var_jax.data.transforms import to_model_range_on_device
 from var_jax.train.state import TrainState, finish_step
 
 
@@ -47,15 +48,15 @@ def raster_teacher_input(codebook, tokens):
 
 
 def make_tokenizer_fn(tokenizer_graphdef, tokenizer_cfg, order: str = "scale") -> Callable:
-    """(tokenizer params, images) -> (tokens (B, L) int32, teacher input (B, L - first_l, Cvae) float32), no
-    gradient. order: the transformer's VARConfig.order ('raster' wants a single-scale tokenizer)."""
+    """(tokenizer params, images uint8 or in [-1, 1]) -> (tokens (B, L) int32, teacher input (B, L - first_l,
+    Cvae) float32), no gradient. order: the transformer's VARConfig.order ('raster' wants a single-scale
+    tokenizer)."""
     if order == "raster" and tokenizer_cfg.num_scales != 1:
         raise ValueError(f"raster order needs a single-scale tokenizer, got patch_nums {tokenizer_cfg.patch_nums}")
 
     def tokenize(tokenizer_state, images):
         tokenizer = nnx.merge(tokenizer_graphdef, tokenizer_state)
-        images = images.astype(jnp.float32)
-        f = tokenizer.encode(images)
+        f = tokenizer.encode(to_model_range_on_device(images))
         qparams = tokenizer.quantizer_params()
         tokens = quantizer.f_to_tokens(qparams, f, tokenizer_cfg)[0]
         if order == "raster":
@@ -78,6 +79,7 @@ def make_var_train_step(parts: ModelParts, tx: optax.GradientTransformation, ste
 
     def train_step(state: TrainState, batch, frozen):
         if tokenize is not None:
+            batch = {**batch, "image": to_model_range_on_device(batch["image"])}   # finish_step checks these
             tokens, teacher = tokenize(frozen, batch["image"])
         else:
             tokens, teacher = batch["tokens"], batch["teacher_input"]
