@@ -162,7 +162,7 @@ def jax_device_memory_hooks(gpu: bool):
     return (lambda: None), after
 
 
-def jax_train(depth: int, batch: int, with_tokenizer: bool):
+def jax_train(depth: int, batch: int, with_tokenizer: bool, compute_dtype: str = "auto", remat: str = "none"):
     """var-jax's train step as benchmarks/train_bench.py builds it: (run, compile_s, info)."""
     import jax
 
@@ -172,7 +172,7 @@ def jax_train(depth: int, batch: int, with_tokenizer: bool):
     from var_jax.train.var import flops
 
     mesh = make_mesh((-1, 1, 1))
-    prepared = train_bench.compiled_train_step(depth, batch, mesh, with_tokenizer)
+    prepared = train_bench.compiled_train_step(depth, batch, mesh, with_tokenizer, compute_dtype, remat)
     compiled, state, batch_data, frozen = (prepared[k] for k in ("compiled", "state", "batch", "frozen"))
     compile_s, var_cfg = prepared["compile_s"], prepared["var_cfg"]
     tokenize, tok_state, images = prepared["tokenize"], prepared["tok_state"], prepared["images"]
@@ -186,7 +186,7 @@ def jax_train(depth: int, batch: int, with_tokenizer: bool):
     flop = flops.var_train_flops_per_example(var_cfg) * batch
     if with_tokenizer:   # the frozen encoder + quantizer, forward only
         flop += tokenizer_bench.matmul_flops(tokenize, tok_state, images)
-    info = {"flops": flop, "compute_dtype": var_cfg.compute_dtype,
+    info = {"flops": flop, "compute_dtype": var_cfg.compute_dtype, "seq_len": var_cfg.seq_len,
             "xla_memory_estimate_bytes": memory_estimate(compiled)}
     return run, compile_s, info
 
@@ -200,7 +200,7 @@ def memory_estimate(compiled):
     return value if value >= 0 else None
 
 
-def jax_sample(depth: int, batch: int):
+def jax_sample(depth: int, batch: int, compute_dtype: str = "auto"):
     """var-jax's sampler as benchmarks/sample_bench.py builds it, with the decode: (run, compile_s, info)."""
     import jax
     import numpy as np
@@ -215,7 +215,7 @@ def jax_sample(depth: int, batch: int):
     from var_jax.transformer.model import VAR
 
     tok_cfg = TokenizerConfig()
-    var_cfg = preset(depth, patch_nums=tok_cfg.patch_nums).with_run_settings(RunSettings())
+    var_cfg = preset(depth, patch_nums=tok_cfg.patch_nums).with_run_settings(RunSettings(compute_dtype=compute_dtype))
     tg, ts = nnx.split(VQVAE(tok_cfg, rngs=nnx.Rngs(0)))
     vg, vs = nnx.split(VAR(var_cfg, rngs=nnx.Rngs(1)))
     labels = np.arange(batch, dtype=np.int32) * 97 % var_cfg.num_classes
@@ -231,7 +231,8 @@ def jax_sample(depth: int, batch: int):
     f_hat = jax.numpy.zeros((batch, tok_cfg.latent_size, tok_cfg.latent_size, tok_cfg.z_channels), "float32")
     decode_flops = tokenizer_bench.matmul_flops(lambda s, f: nnx.merge(tg, s).decode(f), ts, f_hat)
     info = {"flops": sample_bench.transformer_flops(var_cfg, 2 * batch) + decode_flops,
-            "compute_dtype": var_cfg.compute_dtype, "xla_memory_estimate_bytes": memory_estimate(compiled)}
+            "compute_dtype": var_cfg.compute_dtype, "seq_len": var_cfg.seq_len,
+            "xla_memory_estimate_bytes": memory_estimate(compiled)}
     return run, compile_s, info
 
 

@@ -50,7 +50,8 @@ def measure_matmul_peak(n: int = 2048, reps: int = 10) -> float:
     return 2.0 * n ** 3 * reps / best
 
 
-def build(depth: int, batch: int, mesh, *, with_tokenizer: bool, remat: str = "none", abstract: bool = False):
+def build(depth: int, batch: int, mesh, *, with_tokenizer: bool, remat: str = "none", abstract: bool = False,
+          compute_dtype: str = "auto"):
     """(jitted step, layout, frozen tokenizer state or abstract, tokenizer fn, VARConfig, tokenizer parts)."""
     import jax
     from flax import nnx
@@ -66,7 +67,8 @@ def build(depth: int, batch: int, mesh, *, with_tokenizer: bool, remat: str = "n
 
     tok_cfg = TokenizerConfig()                  # the released tokenizer's shape
     var_cfg = preset(depth, num_classes=1000, vocab_size=tok_cfg.vocab_size, z_channels=tok_cfg.z_channels,
-                     patch_nums=tok_cfg.patch_nums).with_run_settings(RunSettings(remat=remat))
+                     patch_nums=tok_cfg.patch_nums).with_run_settings(RunSettings(compute_dtype=compute_dtype,
+                                                                                  remat=remat))
     parts = model_parts(lambda rngs: VAR(var_cfg, rngs=rngs))
     tx = optimizer.make_optimizer(optim_config(), batch_size=batch, total_steps=1000,
                                   mask=optimizer.decay_mask(parts.param_vars))
@@ -96,9 +98,10 @@ def build(depth: int, batch: int, mesh, *, with_tokenizer: bool, remat: str = "n
     return step, layout, tok_state, tokenize, var_cfg, batch_example, parts, tx
 
 
-def compiled_train_step(depth: int, batch: int, mesh, with_tokenizer: bool) -> dict:
+def compiled_train_step(depth: int, batch: int, mesh, with_tokenizer: bool, compute_dtype: str = "auto",
+                        remat: str = "none") -> dict:
     """The compiled d{depth} train step at 256 px with its initial state and a random batch (images when the step
-    tokenises, else pre-computed tokens); also used by compare.py."""
+    tokenises, else pre-computed tokens); also used by compare.py and accelerator.py."""
     import jax
     import numpy as np
 
@@ -109,7 +112,8 @@ def compiled_train_step(depth: int, batch: int, mesh, with_tokenizer: bool) -> d
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(batch, 256, 256, 3), dtype=np.uint8)   # as the pipeline sends them
     labels = rng.integers(0, 1000, size=(batch,)).astype(np.int32)
-    step, layout, tok_state, tokenize, var_cfg, _, _, tx = build(depth, batch, mesh, with_tokenizer=with_tokenizer)
+    step, layout, tok_state, tokenize, var_cfg, _, _, tx = build(depth, batch, mesh, with_tokenizer=with_tokenizer,
+                                                                 remat=remat, compute_dtype=compute_dtype)
     with jax.set_mesh(mesh):
         state = init_train_state(lambda rngs: VAR(var_cfg, rngs=rngs), tx, layout, mesh, seed=0)
         if with_tokenizer:
@@ -127,7 +131,7 @@ def compiled_train_step(depth: int, batch: int, mesh, with_tokenizer: bool) -> d
             "var_cfg": var_cfg, "tokenize": tokenize, "tok_state": tok_state, "images": images}
 
 
-def time_steps(depth: int, batch: int, steps: int) -> list[dict]:
+def time_steps(depth: int, batch: int, steps: int, compute_dtype: str = "auto") -> list[dict]:
     import jax
 
     from var_jax.sharding import make_mesh
@@ -136,7 +140,7 @@ def time_steps(depth: int, batch: int, steps: int) -> list[dict]:
     mesh = make_mesh((-1, 1, 1))
     rows = []
     for with_tokenizer in (False, True):
-        prepared = compiled_train_step(depth, batch, mesh, with_tokenizer)
+        prepared = compiled_train_step(depth, batch, mesh, with_tokenizer, compute_dtype)
         compiled, state, batch_data, frozen = (prepared[k] for k in ("compiled", "state", "batch", "frozen"))
         compile_s, var_cfg = prepared["compile_s"], prepared["var_cfg"]
         with jax.set_mesh(mesh):
@@ -201,6 +205,8 @@ def main():
     parser.add_argument("--memory-depths", default="16,30", help="comma-separated; '' skips the memory part")
     parser.add_argument("--memory-per-device-batch", type=int, default=4)
     parser.add_argument("--remat", default="block", choices=("none", "block"))
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
+                        help="compute dtype of the throughput part ('auto': the backend's)")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)   # the subprocess
     args = parser.parse_args()
@@ -211,7 +217,7 @@ def main():
         return
 
     if not args.skip_throughput:
-        for row in time_steps(args.depth, args.batch, args.steps):
+        for row in time_steps(args.depth, args.batch, args.steps, args.dtype):
             kind = "with tokenisation   " if row["tokenize_in_step"] else "pre-computed tokens "
             # XLA's count covers the scanned transformer block once (a while loop), the tokenizer fully
             xla = (f", XLA count (block counted once) {row['xla_flops_per_step'] / 1e9:.0f} GFLOP/step"
