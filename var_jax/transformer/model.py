@@ -217,6 +217,8 @@ class VAR(nnx.Module):
                 new = {name: jax.lax.dynamic_update_slice(cache[name], kv[None].astype(cache[name].dtype),
                                                          (layer, 0, start_index, 0, 0))
                        for name, kv in (("k", k), ("v", v))}
+                if static and start == 0:   # nothing cached yet: attend to the block itself (XLA would copy
+                    return k[:, :stop], v[:, :stop], mask, new   # the stacked cache to re-read it)
                 keys, values = (jax.lax.dynamic_slice(new[name], (layer, 0, 0, 0, 0), (1, *k.shape[:1], stop,
                                                       *k.shape[2:]))[0] for name in ("k", "v"))
                 return keys, values, mask, new
