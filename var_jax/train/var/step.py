@@ -56,7 +56,7 @@ def make_tokenizer_fn(tokenizer_graphdef, tokenizer_cfg, order: str = "scale") -
 
     def tokenize(tokenizer_state, images):
         tokenizer = nnx.merge(tokenizer_graphdef, tokenizer_state)
-        f = tokenizer.encode(to_model_range_on_device(images))
+        f = tokenizer.encode(to_model_range_on_device(images), per_sample=True)   # frozen: inference path
         qparams = tokenizer.quantizer_params()
         tokens = quantizer.f_to_tokens(qparams, f, tokenizer_cfg)[0]
         if order == "raster":
