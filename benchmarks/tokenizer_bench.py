@@ -39,7 +39,8 @@ def decode(graphdef, state, tokens):
 
 
 def matmul_flops(fn, *args) -> int:
-    """FLOPs of the convolutions and dot products in fn's jaxpr (2 per multiply-add), nested jaxprs included."""
+    """FLOPs of the convolutions and dot products in fn's jaxpr (2 per multiply-add), nested jaxprs included
+    (scan bodies times their length)."""
     def count(jaxpr):
         total = 0
         for eqn in jaxpr.eqns:
@@ -50,8 +51,10 @@ def matmul_flops(fn, *args) -> int:
             elif eqn.primitive.name == "dot_general":
                 (contract, _), _ = eqn.params["dimension_numbers"]
                 total += 2 * eqn.outvars[0].aval.size * math.prod(eqn.invars[0].aval.shape[i] for i in contract)
+            # a scan's body (lax.map: the one-image-at-a-time encoder/decoder) runs `length` times
+            trips = eqn.params["length"] if eqn.primitive.name == "scan" else 1
             for sub in jaxprs_in_params(eqn.params):
-                total += count(sub)
+                total += trips * count(sub)
         return total
     return count(jax.make_jaxpr(fn)(*args).jaxpr)
 

@@ -361,3 +361,22 @@ for shape in [(8, 1, 1), (2, 2, 2)]:
 """
     out = run_with_devices(code, 8)
     assert "ok (8, 1, 1)" in out and "ok (2, 2, 2)" in out
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 64), (1, 5, 7, 96)])
+def test_group_norm_matches_float64_reference_and_flax(shape):
+    """The channel-sum GroupNorm equals the two-pass float64 GroupNorm (PyTorch's) and flax's own, with random
+    scale and bias and a large mean (the case E[x^2]-mean^2 would get wrong)."""
+    from var_jax.tokenizer.vqvae import group_norm
+    channels, rng = shape[-1], np.random.default_rng()
+    norm = group_norm(channels, rngs=nnx.Rngs(0))
+    norm.scale[...] = jnp.asarray(rng.normal(size=channels), jnp.float32)
+    norm.bias[...] = jnp.asarray(rng.normal(size=channels), jnp.float32)
+    x = (rng.normal(size=shape) * 3 + 50).astype(np.float32)
+    groups = x.astype(np.float64).reshape(shape[0], -1, 32, channels // 32)
+    mean = groups.mean(axis=(1, 3), keepdims=True)
+    reference = ((groups - mean) / np.sqrt(((groups - mean) ** 2).mean(axis=(1, 3), keepdims=True) + 1e-6))
+    reference = reference.reshape(shape) * np.float64(norm.scale[...]) + np.float64(norm.bias[...])
+    ours = np.asarray(norm(jnp.asarray(x)))
+    np.testing.assert_allclose(ours, reference, atol=2e-5, rtol=0)
+    np.testing.assert_allclose(ours, np.asarray(nnx.GroupNorm.__call__(norm, jnp.asarray(x))), atol=2e-5, rtol=0)

@@ -46,10 +46,33 @@ def conv(in_ch: int, out_ch: int, kernel_size: int, *, rngs: nnx.Rngs, stride: i
     )
 
 
+class ChannelSumGroupNorm(nnx.GroupNorm):
+    """nnx.GroupNorm (same parameters, same two-pass statistics E[(x-mean)^2], like PyTorch) whose NHWC statistics
+    sum each channel over the positions first and the channels of a group after: XLA:CPU vectorises that
+    reduction along the contiguous channel axis, where the one-step reduction over (positions, channels of a
+    group) ran ~1.4x slower at 256 px x 160 channels. Equal up to float32 summation order."""
+
+    def __call__(self, x, *, mask=None):
+        if x.ndim != 4 or mask is not None:
+            return super().__call__(x, mask=mask)
+        batch, height, width, channels = x.shape
+        per_group = channels // self.num_groups
+        count = height * width * per_group
+
+        def group_mean(channel_sums):   # (B, C) -> (B, 1, 1, C): each channel gets its group's mean
+            means = channel_sums.reshape(batch, self.num_groups, per_group).sum(-1) / count
+            return jnp.repeat(means, per_group, axis=-1)[:, None, None, :]
+
+        x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+        centred = x - group_mean(x.sum(axis=(1, 2)))
+        variance = group_mean(jnp.square(centred).sum(axis=(1, 2)))
+        return centred * jax.lax.rsqrt(variance + self.epsilon) * self.scale[...] + self.bias[...]
+
+
 def group_norm(channels: int, *, rngs: nnx.Rngs) -> nnx.GroupNorm:
     # use_fast_variance=False: E[(x-mean)^2] like PyTorch, not E[x^2]-mean^2 (which loses digits on large means).
-    return nnx.GroupNorm(channels, num_groups=NORM_GROUPS, epsilon=1e-6, use_fast_variance=False, rngs=rngs,
-                         scale_metadata={"out_sharding": ("norm",)}, bias_metadata={"out_sharding": ("norm",)})
+    return ChannelSumGroupNorm(channels, num_groups=NORM_GROUPS, epsilon=1e-6, use_fast_variance=False, rngs=rngs,
+                               scale_metadata={"out_sharding": ("norm",)}, bias_metadata={"out_sharding": ("norm",)})
 
 
 class ResnetBlock(nnx.Module):
