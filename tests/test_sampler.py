@@ -233,3 +233,20 @@ def test_sample_command_writes_adm_npz_and_resumes(tmp_path):
     # the same run with another batch size is refused, not mixed
     with pytest.raises(CommandError, match=r"different settings \(batch_size\)"):
         run_command("sample", argv[:-2] + ["--batch-size", "3"] + argv[-2:])
+
+
+def test_one_sort_filter_equals_top_k_then_top_p():
+    """filter_logits (one sort) equals the two-step top_k_mask -> top_p_mask exactly, on fresh random logits with
+    and without ties, over k and p edge values."""
+    rng = np.random.default_rng()
+    for trial in range(60):
+        vocab = int(rng.integers(2, 300))
+        logits = rng.normal(size=(2, 5, vocab)) * rng.uniform(0.1, 8)
+        if trial % 2:
+            logits = np.round(logits * 2) / 2      # many exact ties, at the k-th value and the top-p boundary
+        logits = jnp.asarray(logits, jnp.float32)
+        top_k = int(rng.integers(-1, vocab + 2))
+        top_p = float(rng.choice([0.0, 0.3, 0.96, 1.0, rng.uniform()]))
+        np.testing.assert_array_equal(np.asarray(filtering.filter_logits(logits, top_k, top_p)),
+                                      np.asarray(filtering.top_p_mask(filtering.top_k_mask(logits, top_k), top_p)),
+                                      err_msg=f"vocab {vocab}, top_k {top_k}, top_p {top_p}")
