@@ -66,7 +66,7 @@ ALIASES = {"tokenizer": ("encode", "decode"), "all": ALL_WORKLOADS}
 
 # ------------------------------------------------------------------------------------------------------ memory
 
-def _reset_rss_peak():
+def reset_rss_peak():
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")          # resets VmHWM to the current RSS (Linux)
@@ -74,7 +74,7 @@ def _reset_rss_peak():
         pass
 
 
-def _rss_peak(key: str = "VmHWM") -> int | None:
+def rss_peak(key: str = "VmHWM") -> int | None:
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -99,12 +99,12 @@ class Side:
         if self.before:
             self.before()
         elif not self.gpu:
-            _reset_rss_peak()
-        start = None if (self.before or self.gpu) else _rss_peak("VmRSS")
+            reset_rss_peak()
+        start = None if (self.before or self.gpu) else rss_peak("VmRSS")
         t = time.perf_counter()
         self.run()
         dt = time.perf_counter() - t
-        peak = self.after() if self.after else (None if self.gpu else _rss_peak())
+        peak = self.after() if self.after else (None if self.gpu else rss_peak())
         if peak is not None:
             self.peaks.append(peak)
             if start is not None:
