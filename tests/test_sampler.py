@@ -239,8 +239,8 @@ def test_one_sort_filter_equals_top_k_then_top_p():
     """filter_logits (one sort) equals the two-step top_k_mask -> top_p_mask exactly, on fresh random logits with
     and without ties, over k and p edge values."""
     rng = np.random.default_rng()
-    for trial in range(60):
-        vocab = int(rng.integers(2, 300))
+    for trial in range(16):
+        vocab = int(rng.choice([2, 37, 256]))      # few shapes: every new shape compiles the ops again
         logits = rng.normal(size=(2, 5, vocab)) * rng.uniform(0.1, 8)
         if trial % 2:
             logits = np.round(logits * 2) / 2      # many exact ties, at the k-th value and the top-p boundary
