@@ -47,8 +47,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))   # so that a checkout that is not pip-installed still imports var_jax
 
-from var_jax.cli import CommandError  # noqa: E402
-from var_jax.cli.train import config_overrides  # noqa: E402
+from var_jax.cli.common import exit_on_command_error  # noqa: E402
+from var_jax.cli.train import parse_args_with_overrides  # noqa: E402
 
 MODEL_CONFIG = Path("model") / "config.json"
 SAMPLE_BATCH = 32
@@ -90,11 +90,7 @@ def parse_args(argv):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--table-only", action="store_true", help="train nothing; evaluate the finished runs")
     parser.add_argument("--dry-run", action="store_true", help="print the train commands; run nothing")
-    args, extra = parser.parse_known_args(list(argv))
-    try:
-        args.overrides = config_overrides(extra)
-    except CommandError as e:
-        parser.error(str(e))
+    args = parse_args_with_overrides(parser, argv)
     if args.num_samples < SAMPLE_BATCH * 2 or args.num_samples % SAMPLE_BATCH:
         parser.error(f"--num-samples must be a multiple of {SAMPLE_BATCH}, at least {2 * SAMPLE_BATCH}")
     return args
@@ -368,8 +364,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except CommandError as e:
-        print(f"launch/ablations.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(exit_on_command_error("launch/ablations.py", main))

@@ -33,8 +33,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))   # so that a checkout that is not pip-installed still imports var_jax
 
-from var_jax.cli.common import CommandError, parse_int_list  # noqa: E402
-from var_jax.cli.train import config_overrides  # noqa: E402
+from var_jax.cli.common import CommandError, exit_on_command_error, parse_int_list  # noqa: E402
+from var_jax.cli.train import parse_args_with_overrides  # noqa: E402
 from var_jax.paths import user_path  # noqa: E402
 
 REFERENCE_WIDTH_PER_DEPTH = 64      # VAR: C = 64·depth, heads = depth
@@ -60,11 +60,7 @@ def parse_args(argv):
     launcher.add_argument("--slurm", action="store_true", help="write a SLURM job array script instead of running")
     launcher.add_argument("--tpu-pod", action="store_true", help="run each depth through launch/tpu_pod.sh")
     parser.add_argument("--dry-run", action="store_true", help="print what would run; run and write nothing")
-    args, extra = parser.parse_known_args(list(argv))
-    try:
-        args.overrides = config_overrides(extra)
-    except CommandError as e:
-        parser.error(str(e))
+    args = parse_args_with_overrides(parser, argv)
     return args
 
 
@@ -156,8 +152,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except CommandError as e:
-        print(f"launch/sweep.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(exit_on_command_error("launch/sweep.py", main))

@@ -10,7 +10,7 @@ import sys
 
 from var_jax.cli import convert, demo, edit, reconstruct, sample, scaling, train
 from var_jax.cli import eval as eval_command   # not `eval`: that would shadow the builtin here
-from var_jax.cli.common import CommandError
+from var_jax.cli.common import exit_on_command_error
 
 # command name -> (its module, one-line help)
 COMMANDS = {
@@ -48,10 +48,10 @@ def main(argv=None):
     args, extra = parser.parse_known_args(argv)
     if extra and args._take_extra is None:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    try:
-        if args._take_extra is not None:
-            args._take_extra(args, extra)
-        return args._run(args)
-    except CommandError as e:
-        print(f"var-jax {args.command}: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return exit_on_command_error(f"var-jax {args.command}", _run, args, extra)
+
+
+def _run(args, extra):
+    if args._take_extra is not None:
+        args._take_extra(args, extra)
+    return args._run(args)

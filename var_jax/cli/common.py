@@ -2,10 +2,20 @@
 (mesh, run settings, sampling options, hosts). Heavy imports stay inside the functions, so `--help` stays quick."""
 import argparse
 import math
+import sys
 
 
 class CommandError(Exception):
     """A user-facing error: printed without a traceback, exit status 2."""
+
+
+def exit_on_command_error(prog: str, fn, *args):
+    """fn(*args); a CommandError is printed as 'PROG: error: ...' and exits with status 2 (no traceback)."""
+    try:
+        return fn(*args)
+    except CommandError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def parse_int_list(text: str, what: str) -> tuple[int, ...]:

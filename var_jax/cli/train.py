@@ -32,6 +32,17 @@ def take_extra_arguments(args, extra):
     args.config_overrides = config_overrides(extra)
 
 
+def parse_args_with_overrides(parser: argparse.ArgumentParser, argv):
+    """parser's options from argv, with what argparse left over read as `--config.KEY=VALUE` overrides into
+    args.overrides (anything else: the parser's usage error)."""
+    args, extra = parser.parse_known_args(list(argv))
+    try:
+        args.overrides = config_overrides(extra)
+    except CommandError as e:
+        parser.error(str(e))
+    return args
+
+
 def config_overrides(args):
     """['KEY=VALUE', ...] from `--config.KEY=VALUE` / `--config.KEY VALUE` arguments; anything else is an error."""
     overrides, i = [], 0
