@@ -214,11 +214,12 @@ class VAR(nnx.Module):
         def make_kv_fn(cache, layer):
             def kv_fn(k, v):
                 # write this block into the layer's rows of the stacked cache, read the layer's first `stop` rows
-                new = {name: jax.lax.dynamic_update_slice(cache[name], kv[None].astype(cache[name].dtype),
-                                                         (layer, 0, start_index, 0, 0))
-                       for name, kv in (("k", k), ("v", v))}
-                if static and start == 0:   # nothing cached yet: attend to the block itself (XLA would copy
-                    return k[:, :stop], v[:, :stop], mask, new   # the stacked cache to re-read it)
+                block = {"k": k.astype(cache["k"].dtype), "v": v.astype(cache["v"].dtype)}
+                new = {name: jax.lax.dynamic_update_slice(cache[name], block[name][None], (layer, 0, start_index, 0, 0))
+                       for name in block}
+                if static and start == 0:   # nothing cached yet: attend to the block itself, as the cache holds it
+                    # (re-reading the just-written cache made XLA copy the whole stacked cache)
+                    return block["k"][:, :stop], block["v"][:, :stop], mask, new
                 keys, values = (jax.lax.dynamic_slice(new[name], (layer, 0, 0, 0, 0), (1, *k.shape[:1], stop,
                                                       *k.shape[2:]))[0] for name in ("k", "v"))
                 return keys, values, mask, new
