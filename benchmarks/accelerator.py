@@ -70,24 +70,24 @@ def train_row(depth: int, batch_per_device: int, steps: int, dtype: str, remat: 
     import jax
     batch = batch_per_device * jax.device_count()
     run, compile_s, info = compare.jax_train(depth, batch, True, compute_dtype=dtype, remat=remat)
-    step_s = timed(run, steps)
-    return {"kind": "workload", "workload": f"train d{depth}", "devices": jax.device_count(),
-            "batch_per_device": batch_per_device,
-            "images_per_s": batch / step_s, "tokens_per_s": batch * info["seq_len"] / step_s, "step_s": step_s,
-            "flops_per_step": info["flops"], "compile_s": compile_s, "remat": remat,
-            "compute_dtype": info["compute_dtype"], "peak_bytes": device_peak_bytes(),
-            "xla_memory_estimate_bytes": info["xla_memory_estimate_bytes"]}
+    return workload_row(f"train d{depth}", jax.device_count(), batch_per_device, run, steps, compile_s, info, remat)
 
 
 def sample_row(depth: int, batch: int, steps: int, dtype: str) -> dict:
     """The sampler runs unsharded, on one device."""
     run, compile_s, info = compare.jax_sample(depth, batch, compute_dtype=dtype)
-    step_s = timed(run, steps)
-    return {"kind": "workload", "workload": f"sample d{depth} (cfg 1.5, decode)", "devices": 1,
-            "batch_per_device": batch, "images_per_s": batch / step_s,
-            "tokens_per_s": batch * info["seq_len"] / step_s, "step_s": step_s, "flops_per_step": info["flops"],
-            "compile_s": compile_s, "remat": "-", "compute_dtype": info["compute_dtype"],
-            "peak_bytes": device_peak_bytes(), "xla_memory_estimate_bytes": info["xla_memory_estimate_bytes"]}
+    return workload_row(f"sample d{depth} (cfg 1.5, decode)", 1, batch, run, steps, compile_s, info, "-")
+
+
+def workload_row(workload: str, devices: int, batch_per_device: int, run, steps: int, compile_s: float, info: dict,
+                 remat: str) -> dict:
+    """Time run() and make its table row; `info` is what compare.jax_train / jax_sample report."""
+    step_s, batch = timed(run, steps), batch_per_device * devices
+    return {"kind": "workload", "workload": workload, "devices": devices, "batch_per_device": batch_per_device,
+            "images_per_s": batch / step_s, "tokens_per_s": batch * info["seq_len"] / step_s, "step_s": step_s,
+            "flops_per_step": info["flops"], "compile_s": compile_s, "remat": remat,
+            "compute_dtype": info["compute_dtype"], "peak_bytes": device_peak_bytes(),
+            "xla_memory_estimate_bytes": info["xla_memory_estimate_bytes"]}
 
 
 def peak_row(matmul_n: int, spec_override: float | None) -> dict:

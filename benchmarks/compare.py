@@ -60,30 +60,13 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))          # the sibling benchmark scripts
 
+from rss import reset_rss_peak, rss_peak  # noqa: E402
+
 ALL_WORKLOADS = ("train", "train_tokenize", "sample", "encode", "decode")
 ALIASES = {"tokenizer": ("encode", "decode"), "all": ALL_WORKLOADS}
 
 
 # ------------------------------------------------------------------------------------------------------ memory
-
-def reset_rss_peak():
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")          # resets VmHWM to the current RSS (Linux)
-    except OSError:
-        pass
-
-
-def rss_peak(key: str = "VmHWM") -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
 
 class Side:
     """One framework's callable for one workload, with its timings and memory peaks."""

@@ -30,7 +30,7 @@ from var_jax.tokenizer.config import TokenizerConfig  # noqa: E402
 from var_jax.tokenizer.vqvae import VQVAE  # noqa: E402
 from var_jax.transformer.config import preset  # noqa: E402
 from var_jax.transformer.model import VAR  # noqa: E402
-from compare import reset_rss_peak, rss_peak  # noqa: E402
+from rss import reset_rss_peak, rss_peak  # noqa: E402
 from tokenizer_bench import matmul_flops  # noqa: E402
 
 
