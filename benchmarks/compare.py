@@ -193,26 +193,31 @@ def jax_sample(depth: int, batch: int, compute_dtype: str = "auto"):
     import tokenizer_bench
     from var_jax.sample.sampler import SampleOptions, make_sample_fn
     from var_jax.tokenizer.config import TokenizerConfig
-    from var_jax.tokenizer.vqvae import VQVAE
+    from var_jax.host_memory import release_freed_memory
+    from var_jax.tokenizer.vqvae import VQVAE, merge_for_decoding, split_for_decoding
     from var_jax.transformer import RunSettings, preset
     from var_jax.transformer.model import VAR
 
     tok_cfg = TokenizerConfig()
     var_cfg = preset(depth, patch_nums=tok_cfg.patch_nums).with_run_settings(RunSettings(compute_dtype=compute_dtype))
-    tg, ts = nnx.split(VQVAE(tok_cfg, rngs=nnx.Rngs(0)))
+    # as the sample command's Sampler holds them: the tokenizer without its encoder, the compiler's heap trimmed
+    tg, ts, encoder_spec = split_for_decoding(VQVAE(tok_cfg, rngs=nnx.Rngs(0)))
     vg, vs = nnx.split(VAR(var_cfg, rngs=nnx.Rngs(1)))
     labels = np.arange(batch, dtype=np.int32) * 97 % var_cfg.num_classes
     ids = np.arange(batch)
-    fn = make_sample_fn(vg, tg, SampleOptions(cfg=1.5, top_k=900, top_p=0.96), decode=True)
+    fn = make_sample_fn(vg, tg, SampleOptions(cfg=1.5, top_k=900, top_p=0.96), decode=True,
+                        encoder_spec=encoder_spec)
     t = time.perf_counter()
     compiled = fn.lower(vs, ts, labels, ids, 0).compile()
     compile_s = time.perf_counter() - t
+    release_freed_memory()
 
     def run():
         jax.block_until_ready(compiled(vs, ts, labels, ids, 0))
 
     f_hat = jax.numpy.zeros((batch, tok_cfg.latent_size, tok_cfg.latent_size, tok_cfg.z_channels), "float32")
-    decode_flops = tokenizer_bench.matmul_flops(lambda s, f: nnx.merge(tg, s).decode(f), ts, f_hat)
+    decode_flops = tokenizer_bench.matmul_flops(lambda s, f: merge_for_decoding(tg, s, encoder_spec).decode(f),
+                                                ts, f_hat)
     info = {"flops": sample_bench.transformer_flops(var_cfg, 2 * batch) + decode_flops,
             "compute_dtype": var_cfg.compute_dtype, "seq_len": var_cfg.seq_len,
             "xla_memory_estimate_bytes": memory_estimate(compiled)}

@@ -27,7 +27,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from var_jax.sample.sampler import SampleOptions, make_sample_fn  # noqa: E402
 from var_jax.sample.schedule import MODES, describe, scale_plan  # noqa: E402
 from var_jax.tokenizer.config import TokenizerConfig  # noqa: E402
-from var_jax.tokenizer.vqvae import VQVAE  # noqa: E402
+from var_jax.host_memory import release_freed_memory  # noqa: E402
+from var_jax.tokenizer.vqvae import VQVAE, merge_for_decoding, split_for_decoding  # noqa: E402
 from var_jax.transformer.config import preset  # noqa: E402
 from var_jax.transformer.model import VAR  # noqa: E402
 from rss import reset_rss_peak, rss_peak  # noqa: E402
@@ -90,9 +91,12 @@ def main():
     var = VAR(var_cfg, rngs=nnx.Rngs(1))
     print(f"built d{args.depth} ({var.num_params():,} params) and tokenizer in {time.perf_counter() - t:.1f} s")
     vg, vs = nnx.split(var)
-    tg, ts = nnx.split(tokenizer)
+    # as the sample command holds them: the tokenizer without its encoder (sampling never encodes)
+    tg, ts, encoder_spec = split_for_decoding(tokenizer)
+    del var, tokenizer
     # the sampler's own resident peak: from here on (random init's temporaries excluded), weights included
     jax.block_until_ready((vs, ts))
+    release_freed_memory()
     reset_rss_peak()
     resident = rss_peak()
 
@@ -102,13 +106,14 @@ def main():
     flops_tf = transformer_flops(var_cfg, rows)
 
     # the decoder alone
-    decode = jax.jit(lambda state, f: nnx.merge(tg, state).decode(f))
+    decoder = lambda state, f: merge_for_decoding(tg, state, encoder_spec).decode(f)
+    decode = jax.jit(decoder)
     f_hat = jnp.zeros((args.batch, tok_cfg.latent_size, tok_cfg.latent_size, tok_cfg.z_channels), jnp.float32)
     t = time.perf_counter()
     decode_compiled = decode.lower(ts, f_hat).compile()
     decode_compile = time.perf_counter() - t
     # counted from the jaxpr: XLA's cost analysis counts the one-image-at-a-time loop body once
-    decode_flops = matmul_flops(lambda state, f: nnx.merge(tg, state).decode(f), ts, f_hat)
+    decode_flops = matmul_flops(decoder, ts, f_hat)
     decode_compiled(ts, f_hat).block_until_ready()
     decode_time = min(_timed(lambda: decode_compiled(ts, f_hat).block_until_ready()) for _ in range(args.repeats))
     print(f"decode: compile {decode_compile:.1f} s, {decode_time:.2f} s per batch, {decode_flops / 1e9:.0f} GFLOP "
@@ -119,10 +124,11 @@ def main():
     print(f"transformer: {flops_tf / 1e9:.0f} GFLOP per batch of {args.batch} ({rows} rows with guidance)")
     results = {}
     for mode in args.modes.split(","):
-        fn = make_sample_fn(vg, tg, SampleOptions(**options, mode=mode), decode=False)
+        fn = make_sample_fn(vg, tg, SampleOptions(**options, mode=mode), decode=False, encoder_spec=encoder_spec)
         t = time.perf_counter()
         compiled = fn.lower(vs, ts, labels, ids, 0).compile()
         compile_time = time.perf_counter() - t
+        release_freed_memory()   # as the sample command's Sampler does after compiling
         out = compiled(vs, ts, labels, ids, 0)
         jax.block_until_ready(out)
         run = min(_timed(lambda: jax.block_until_ready(compiled(vs, ts, labels, ids, 0)))

@@ -14,7 +14,7 @@ from test_resize import area_loop
 from var_jax.tokenizer import quantizer as Q
 from var_jax.tokenizer.config import TokenizerConfig
 from var_jax.tokenizer.convert import vqvae_from_state_dict
-from var_jax.tokenizer.vqvae import VQVAE
+from var_jax.tokenizer.vqvae import VQVAE, merge_for_decoding, split_for_decoding
 
 FEATURE_ATOL = 1e-4
 IMAGE_ATOL = 1e-4
@@ -381,3 +381,22 @@ def test_group_norm_matches_float64_reference_and_flax(shape):
     np.testing.assert_allclose(ours, reference, atol=3e-5, rtol=0)      # observed ≤ 1e-5 over 80 draws
     # flax's own float32 error on this input reaches ~2.2e-5, so the two differ by up to the sum of both
     np.testing.assert_allclose(ours, np.asarray(nnx.GroupNorm.__call__(norm, jnp.asarray(x))), atol=5e-5, rtol=0)
+
+
+def test_split_for_decoding_drops_the_encoder_and_decodes_the_same():
+    arrays, _ = load_fixture("tiny")
+    _, model = vqvae_from_state_dict(state_dict(arrays, "vae"))
+    full_graphdef, full_state = nnx.split(model)
+    graphdef, state, spec = split_for_decoding(model)
+    paths = [path for path, _ in nnx.to_flat_state(state)]
+    assert paths and not any(p[0] in ("encoder", "quant_conv") for p in paths)
+    assert {p[0] for p, _, _ in spec} == {"encoder", "quant_conv"}
+    hash(spec)   # a jit static argument / cache key
+    f_hat = jax.random.normal(jax.random.key(3), (2, model.cfg.latent_size, model.cfg.latent_size,
+                                                  model.cfg.z_channels))
+    decoded = jax.jit(lambda s, f: merge_for_decoding(graphdef, s, spec).decode(f))(state, f_hat)
+    want = jax.jit(lambda s, f: nnx.merge(full_graphdef, s).decode(f))(full_state, f_hat)
+    np.testing.assert_array_equal(np.asarray(decoded), np.asarray(want))
+    with pytest.raises(TypeError):   # the encoder's parameters are shapes only
+        jax.jit(lambda s, x: merge_for_decoding(graphdef, s, spec).encode(x))(
+            state, jnp.zeros((1, model.cfg.image_size, model.cfg.image_size, 3)))

@@ -88,13 +88,15 @@ def test_config_rejects_unknown_fields_and_depths():
 
 
 # ---- KV cache -----------------------------------------------------------------------------------------------------
-@nnx.jit(static_argnames=("traced",))
-def cached_logits(model, labels, teacher, starts, traced):
+@nnx.jit(static_argnames=("traced", "short_cache"))
+def cached_logits(model, labels, teacher, starts, traced, short_cache=False):
     """Scale by scale through the KV cache. traced: the starts are traced values (masked attention over kv_len
-    cache positions); otherwise Python ints (the cache sliced to the exact length)."""
+    cache positions); otherwise Python ints (the cache sliced to the exact length). short_cache: the cache ends
+    where the last scale begins, so that scale is never stored (the sampler's unrolled form)."""
     cfg = model.cfg
     cond = model.cond_embedding(labels)
-    cache, outs = model.init_cache(labels.shape[0], jnp.float32), []
+    length = cfg.scale_begin_ends[-1][0] if short_cache else None
+    cache, outs = model.init_cache(labels.shape[0], jnp.float32, length=length), []
     for si, (begin, end) in enumerate(cfg.scale_begin_ends):
         x = model.first_scale_input(cond) if si == 0 else model.scale_input(si, teacher[:, begin - 1:end - 1])
         # traced: attend over a static kv_len that covers this scale, shorter than L except at the last scale
@@ -114,6 +116,10 @@ def test_kv_cached_forward_equals_masked_forward(name):
     starts = jnp.array([begin for begin, _ in cfg.scale_begin_ends], jnp.int32)
     for traced in (False, True):
         np.testing.assert_allclose(cached_logits(model, labels, teacher, starts, traced), masked, atol=tol, rtol=0)
+    short = cached_logits(model, labels, teacher, starts, False, short_cache=True)
+    np.testing.assert_allclose(short, masked, atol=tol, rtol=0)
+    # the same values a stored last scale gives, not merely close
+    np.testing.assert_array_equal(short, cached_logits(model, labels, teacher, starts, False))
 
 
 def test_kv_cache_padding_rows_are_ignored():
@@ -146,6 +152,10 @@ def test_bad_inputs_name_the_problem():
         model.forward_cached(jnp.zeros((1, 16, cfg.width)), cond, model.init_cache(1), 20)
     with pytest.raises(ValueError, match="kv_len"):
         model.forward_cached(jnp.zeros((1, 16, cfg.width)), cond, model.init_cache(1), jnp.int32(14), kv_len=8)
+    with pytest.raises(ValueError, match="neither fit the cache"):   # would skip cached position 4
+        model.forward_cached(jnp.zeros((1, 9, cfg.width)), cond, model.init_cache(1, length=4), 5)
+    with pytest.raises(ValueError, match="length"):
+        model.init_cache(1, length=cfg.seq_len + 1)
     with pytest.raises(ValueError, match="teacher_input"):
         model(jnp.array([1, 2]), jnp.zeros((2, 29, 7)))
     with pytest.raises(ValueError, match="x_in"):

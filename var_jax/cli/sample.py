@@ -176,6 +176,7 @@ def run(args):
         except (CheckpointError, OSError) as e:
             raise CommandError(str(e)) from None
         sampler = Sampler(bundle, options, mesh)
+        del bundle   # the sampler holds what it needs; this frees the tokenizer encoder's weights
         total = sum(b - a for _, a, b in mine)
         with tqdm(total=total, initial=total - sum(b - a for a, b in todo), unit="img", desc="sampling",
                   disable=not writer) as progress:

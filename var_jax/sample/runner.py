@@ -15,9 +15,11 @@ import jax
 import numpy as np
 from flax import nnx
 
+from var_jax.host_memory import release_freed_memory
 from var_jax.images import to_uint8
 from var_jax.sample.sampler import SampleOptions, make_sample_fn
 from var_jax.sharding import batch_sharding, data_parallel_size, state_shardings
+from var_jax.tokenizer.vqvae import split_for_decoding
 
 
 def check_labels(labels, num_classes: int, allow_null: bool = True) -> np.ndarray:
@@ -44,12 +46,15 @@ class Sampler:
         self.mesh = mesh
         self.num_classes = bundle.var_config.num_classes
         var_graphdef, var_state = nnx.split(bundle.var)
-        tok_graphdef, tok_state = nnx.split(bundle.tokenizer)
+        # sampling never encodes: the encoder's weights are not kept (a caller that drops the bundle frees them)
+        tok_graphdef, tok_state, encoder_spec = split_for_decoding(bundle.tokenizer)
         if mesh is not None:
             var_state = jax.device_put(var_state, state_shardings(var_state, mesh))
             tok_state = jax.device_put(tok_state, state_shardings(tok_state, mesh))
         self._states = (var_state, tok_state)
-        self._fn = make_sample_fn(var_graphdef, tok_graphdef, self.options, with_logits=with_logits)
+        self._fn = make_sample_fn(var_graphdef, tok_graphdef, self.options, with_logits=with_logits,
+                                  encoder_spec=encoder_spec)
+        self._compiled = {}
         self._with_logits = with_logits
 
     @property
@@ -74,8 +79,13 @@ class Sampler:
         args = [self._place(pad(labels)), self._place(pad(image_ids.astype(np.uint32)))]
         if edit is not None:
             edit = jax.tree.map(lambda x: self._place(pad(np.asarray(x))), edit)
+        args = (*self._states, *args, np.uint32(seed), edit)
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
-            out = self._fn(*self._states, *args, np.uint32(seed), edit)
+            key = (padded, edit is None)
+            if key not in self._compiled:
+                self._compiled[key] = self._fn.lower(*args).compile()
+                release_freed_memory()   # the compiler's freed heap, before the program's buffers come on top
+            out = self._compiled[key](*args)
         result = {"images": to_uint8(np.asarray(out["images"])[:batch]),
                   "tokens": [np.asarray(t)[:batch] for t in out["tokens"]]}
         if self._with_logits:

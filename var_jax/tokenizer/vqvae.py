@@ -303,6 +303,26 @@ class VQVAE(nnx.Module):
                 "phi_biases": self.phi_biases[...]}
 
 
+# The parameters only encoding reads. Decoding-only code (the sampler) leaves them out of its jitted arguments.
+ENCODING_ONLY = nnx.Any(nnx.PathContains("encoder"), nnx.PathContains("quant_conv"))
+
+
+def split_for_decoding(model: VQVAE):
+    """(graphdef, state, encoder_spec): `model` split for jitted code that only decodes, its state without the
+    encoding-only arrays (0.16 GiB of the released tokenizer's 0.41), so that they need not stay resident.
+    encoder_spec is hashable (a jit static argument or cache key); merge_for_decoding undoes the split."""
+    graphdef, encoding, state = nnx.split(model, ENCODING_ONLY, ...)
+    spec = tuple((path, jax.ShapeDtypeStruct(v.shape, v.dtype), type(v)) for path, v in nnx.to_flat_state(encoding))
+    return graphdef, state, spec
+
+
+def merge_for_decoding(graphdef, state, encoder_spec=()) -> VQVAE:
+    """The module back from split_for_decoding's parts, shape-only placeholders where the encoding-only
+    parameters were: decode() runs, encode() raises. An empty spec merges a whole state (from nnx.split)."""
+    placeholders = nnx.from_flat_state([(path, kind(shape)) for path, shape, kind in encoder_spec])
+    return nnx.merge(graphdef, placeholders, state) if encoder_spec else nnx.merge(graphdef, state)
+
+
 def image_to_tokens(model: VQVAE, img):
     """Images (B, H, W, 3) in [-1, 1] -> list of per-scale token maps (B, pn²) int32."""
     return quantizer.f_to_tokens(model.quantizer_params(), model.encode(img, per_sample=True), model.cfg)[0]
