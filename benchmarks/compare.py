@@ -60,6 +60,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))          # the sibling benchmark scripts
 
+import var_jax  # noqa: E402,F401  (its CPU XLA flags, before JAX starts a backend)
+
 from rss import reset_rss_peak, rss_peak  # noqa: E402
 
 ALL_WORKLOADS = ("train", "train_tokenize", "sample", "encode", "decode")

@@ -23,6 +23,8 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 
+import var_jax  # noqa: E402,F401  (its CPU XLA flags, before JAX starts a backend)
+
 
 def optim_config():
     from var_jax.train.config_base import optim_config as reference

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import var_jax  # noqa: F401  (sets its CPU XLA flags before any test starts JAX's backend)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FIXTURES_DIR = Path(os.environ.get("VAR_JAX_FIXTURES", REPO_ROOT.parent / "shared" / "fixtures"))
 FIXTURE_NAMES = ("tiny", "tiny_stress", "small_shared")

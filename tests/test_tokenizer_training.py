@@ -30,9 +30,9 @@ BATCH = 4
 LPIPS_WIDTHS = (4, 8, 8, 16, 16)
 
 
-def optim_config(lr=3e-3):
+def optim_config(lr=3e-3, eps=1e-8):
     return ml_collections.ConfigDict(dict(tblr=lr * 256 / BATCH, schedule="constant", warmup_steps=0, wp0=0.005,
-                                          wpe=0.1, b1=0.5, b2=0.9, eps=1e-8, wd=0.0, wd_end=0.0, grad_clip=0.0))
+                                          wpe=0.1, b1=0.5, b2=0.9, eps=eps, wd=0.0, wd_end=0.0, grad_clip=0.0))
 
 
 def random_lpips_state_dicts(rng, widths=LPIPS_WIDTHS):
@@ -162,10 +162,11 @@ def test_dead_code_restart_replaces_exactly_the_dead_codes():
 
 # ---- the train step -------------------------------------------------------------------------------------------
 
-def build(disc_cfg=None, seed=0, mesh_shape=(1, 1, 1)):
+def build(disc_cfg=None, seed=0, mesh_shape=(1, 1, 1), eps=1e-8):
     model_fn = lambda rngs: TokenizerTrainModules(TINY, disc_cfg, rngs=rngs)  # noqa: E731
     parts = model_parts(model_fn)
-    tx = make_tokenizer_optimizer(parts, optim_config(), optim_config(), batch_size=BATCH, total_steps=100)
+    tx = make_tokenizer_optimizer(parts, optim_config(eps=eps), optim_config(eps=eps), batch_size=BATCH,
+                                  total_steps=100)
     mesh = make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
     layout = tokenizer_state_layout(parts, tx, mesh, TINY)
     state = init_tokenizer_state(model_fn, tx, layout, mesh, seed)
@@ -299,11 +300,15 @@ from var_jax.sharding import make_mesh
 from var_jax.train.tokenizer.step import TokenizerLossConfig, make_tokenizer_train_step
 from var_jax.train.state import jit_train_step
 
+# Adam with eps 1e-8 turns float32 reduction-order noise in near-zero gradients into steps of up to lr (3e-3): the
+# sharded and single-device weights then differ by ~4e-4 after one step, depending on how each conv kernel happens
+# to round. A larger eps keeps the comparison about the sharded computation (a sharding bug differs by O(lr)).
+EPS = 1e-4
 loss_cfg = TokenizerLossConfig(restart_every=2, restart_threshold=0.5)
 images = jnp.asarray(np.random.default_rng(8).uniform(-1, 1, (BATCH, IMAGE, IMAGE, 3)), jnp.float32)
 out = {}
 for mesh_shape in [(1, 1, 1), (2, 2, 2)]:
-    parts, tx, layout, state = build(mesh_shape=mesh_shape)
+    parts, tx, layout, state = build(mesh_shape=mesh_shape, eps=EPS)
     mesh = make_mesh(mesh_shape, jax.devices()[:int(np.prod(mesh_shape))])
     step = jit_train_step(make_tokenizer_train_step(parts.merge, tx, TINY, loss_cfg), layout, mesh, {"image": images})
     losses = []
@@ -330,7 +335,7 @@ def test_sharded_step_matches_one_device():
     assert "tensor" in many["codebook_spec"], many["codebook_spec"]
     assert one["restarted"] == many["restarted"] > 0
     np.testing.assert_allclose(many["losses"], one["losses"], rtol=1e-5)
-    # Adam divides by sqrt(v): float32 reduction-order noise in tiny gradients moves codes by up to ~5e-6
+    # with eps 1e-4 (SHARDED_CODE) the codes agree within ~4e-6 (observed with XLA's and with YNNPACK's convs)
     np.testing.assert_allclose(many["codebook"], one["codebook"], rtol=1e-4, atol=2e-5)
 
 

@@ -202,10 +202,11 @@ class Mid(nnx.Module):
 def _one_sample_at_a_time(module: nnx.Module, fn, x):
     """fn over the batch one sample at a time (lax.map) on CPU; the whole batch at once elsewhere.
 
-    XLA:CPU's convolutions (YNNPACK) run ~1.5x faster per FLOP on one 256 px image than on a batch of 4 (measured
-    side by side at 160 channels: ~280 vs ~185 GFLOP/s). Every op in the encoder/decoder is per sample (GroupNorm
-    and attention included), so the result is the same. Skipped when a Dropout is live: its RNG state would have
-    to be updated inside the loop.
+    On CPU the activations of one 256 px image (40 MiB per 160-channel map) are live instead of the batch's, which
+    keeps the sampler's decode inside its memory budget; with XLA's own convolutions (var_jax/__init__.py) the speed
+    is the same either way, and YNNPACK's ran ~1.5x faster per FLOP on one image than on a batch of 4. Every op in
+    the encoder/decoder is per sample (GroupNorm and attention included), so the result is the same. Skipped when
+    a Dropout is live: its RNG state would have to be updated inside the loop.
     """
     if x.shape[0] == 1 or jax.default_backend() != "cpu" or any(
             isinstance(m, nnx.Dropout) and not m.deterministic for _, m in nnx.iter_modules(module)):
