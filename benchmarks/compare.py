@@ -62,10 +62,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))          # the sibling 
 
 import var_jax  # noqa: E402,F401  (its CPU XLA flags, before JAX starts a backend)
 
-from var_jax.host_memory import restart_with_huge_pages  # noqa: E402
-
-restart_with_huge_pages()   # run as the var-jax command runs (var_jax/host_memory.py)
-
 from rss import reset_rss_peak, rss_peak  # noqa: E402
 
 ALL_WORKLOADS = ("train", "train_tokenize", "sample", "encode", "decode")

@@ -24,17 +24,15 @@ from flax import nnx
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from var_jax.host_memory import release_freed_memory, restart_with_huge_pages  # noqa: E402
 from var_jax.sample.sampler import SampleOptions, make_sample_fn  # noqa: E402
 from var_jax.sample.schedule import MODES, describe, scale_plan  # noqa: E402
 from var_jax.tokenizer.config import TokenizerConfig  # noqa: E402
+from var_jax.host_memory import release_freed_memory  # noqa: E402
 from var_jax.tokenizer.vqvae import VQVAE, merge_for_decoding, split_for_decoding  # noqa: E402
 from var_jax.transformer.config import preset  # noqa: E402
 from var_jax.transformer.model import VAR  # noqa: E402
 from rss import reset_rss_peak, rss_peak  # noqa: E402
 from tokenizer_bench import matmul_flops  # noqa: E402
-
-restart_with_huge_pages()   # run as the var-jax command runs (var_jax/host_memory.py)
 
 
 def matmul_peak_flops(n: int = 2048, repeats: int = 5) -> float:

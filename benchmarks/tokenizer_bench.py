@@ -22,13 +22,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.extend.core import jaxprs_in_params
 
-from var_jax.host_memory import restart_with_huge_pages
 from var_jax.scale_config import REFERENCE_PATCH_NUMS
 from var_jax.tokenizer import quantizer
 from var_jax.tokenizer.config import TokenizerConfig
 from var_jax.tokenizer.vqvae import VQVAE
-
-restart_with_huge_pages()   # run as the var-jax command runs (var_jax/host_memory.py)
 
 
 def encode(graphdef, state, images):

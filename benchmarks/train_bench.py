@@ -25,10 +25,6 @@ sys.path.insert(0, str(REPO_ROOT))
 
 import var_jax  # noqa: E402,F401  (its CPU XLA flags, before JAX starts a backend)
 
-from var_jax.host_memory import restart_with_huge_pages  # noqa: E402
-
-restart_with_huge_pages()   # run as the var-jax command runs (var_jax/host_memory.py)
-
 
 def optim_config():
     from var_jax.train.config_base import optim_config as reference

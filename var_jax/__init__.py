@@ -5,15 +5,6 @@ The sub-packages follow the data flow:
 """
 import importlib.metadata as _metadata
 import os as _os
-import sys as _sys
-
-from var_jax import host_memory as _host_memory
-
-# The var-jax command restarts itself once, before anything heavy is imported, so that glibc backs XLA's per-call
-# temporaries with huge pages (host_memory.py; ~15 % faster train steps on CPU). Never for other programs that
-# import var_jax.
-if _host_memory.is_var_jax_command(_sys.orig_argv):
-    _host_memory.restart_with_huge_pages()
 
 # CPU convolutions: XLA's own kernels instead of YNNPACK's. Measured on the project's 2-core x86 machine (jaxlib
 # 0.10.2): a 3x3 conv at 256x256x160 runs at ~340 instead of ~290 GFLOP/s, a batch of four 128x128 maps at ~340
