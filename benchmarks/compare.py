@@ -65,6 +65,10 @@ import var_jax  # noqa: E402,F401  (its CPU XLA flags, before JAX starts a backe
 from rss import reset_rss_peak, rss_peak  # noqa: E402
 
 ALL_WORKLOADS = ("train", "train_tokenize", "sample", "encode", "decode")
+# Pause before every timed call: torch's OpenMP workers keep the cores busy for a while after a call returns, and
+# the JAX call that follows at once ran up to 1.3x slower (d8 tokenising train step: 6.4-6.7 s right after a torch
+# call, 5.2 s after its own).
+SETTLE_S = float(os.environ.get("COMPARE_SETTLE_S", "1.0"))
 ALIASES = {"tokenizer": ("encode", "decode"), "all": ALL_WORKLOADS}
 
 
@@ -81,6 +85,7 @@ class Side:
 
     def call(self) -> float:
         gc.collect()
+        time.sleep(SETTLE_S)
         if self.before:
             self.before()
         elif not self.gpu:
