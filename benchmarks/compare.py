@@ -32,7 +32,7 @@ own peak.
 
 Timing: compile (JAX) and the first call of each side are excluded and reported separately; then `--repeats`
 pairs alternate (var-jax first in even pairs, the reference first in odd ones), each call blocked on
-(block_until_ready / torch.cuda.synchronize); medians are reported. Peak memory: on CPU the process's resident
+(block_until_ready / torch.cuda.synchronize) and preceded by a pause (SETTLE_S, 1 s); medians are reported. Peak memory: on CPU the process's resident
 high-water mark (VmHWM, reset through /proc/self/clear_refs before each call) during that side's calls; both
 frameworks live in the one process, so each figure includes the other's resident weights. On GPU: torch's
 max_memory_allocated per call, and JAX's device peak_bytes_in_use (a process-lifetime peak: it only grows);
