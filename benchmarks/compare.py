@@ -31,10 +31,10 @@ for the sampler's transformer, conv + dot FLOPs of var-jax's jaxpr for the token
 own peak.
 
 Timing: compile (JAX) and the first call of each side are excluded and reported separately; then `--repeats`
-pairs alternate (var-jax first in even pairs, the reference first in odd ones), each call blocked on
-(block_until_ready / torch.cuda.synchronize) and preceded by a pause (SETTLE_S, 1 s); medians are reported. Peak memory: on CPU the process's resident
-high-water mark (VmHWM, reset through /proc/self/clear_refs before each call) during that side's calls; both
-frameworks live in the one process, so each figure includes the other's resident weights. On GPU: torch's
+pairs alternate (var-jax first in even pairs, the reference first in odd ones), each call preceded by a pause
+(SETTLE_S, 1 s) and blocked on (block_until_ready / torch.cuda.synchronize); medians are reported. Peak memory: on
+CPU the process's resident high-water mark (VmHWM, reset through /proc/self/clear_refs before each call) during
+that side's calls; both frameworks live in the one process, so each figure includes the other's resident weights. On GPU: torch's
 max_memory_allocated per call, and JAX's device peak_bytes_in_use (a process-lifetime peak: it only grows);
 JAX is told not to preallocate (XLA_PYTHON_CLIENT_PREALLOCATE=false) so that both fit on one device. XLA's
 estimate for the compiled var-jax program is reported too.

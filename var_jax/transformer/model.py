@@ -223,12 +223,15 @@ class VAR(nnx.Module):
         start_index = jnp.asarray(start, jnp.int32)
 
         def make_kv_fn(cache, layer):
+            def first_rows(stacked, rows):   # this layer's first `rows` positions of a stacked cache array
+                return jax.lax.dynamic_slice(stacked, (layer, 0, 0, 0, 0), (1, *stacked.shape[1:2], rows,
+                                                                           *stacked.shape[3:]))[0]
+
             def kv_fn(k, v):
                 block = {"k": k.astype(cache["k"].dtype), "v": v.astype(cache["v"].dtype)}
                 if static and start == cache_len:   # not stored: the cached positions, then the block itself
-                    keys, values = (jnp.concatenate([jax.lax.dynamic_slice(
-                        cache[name], (layer, 0, 0, 0, 0), (1, *k.shape[:1], start, *k.shape[2:]))[0],
-                        block[name][:, :valid_len]], axis=1) for name in ("k", "v"))
+                    keys, values = (jnp.concatenate([first_rows(cache[name], start), block[name][:, :valid_len]],
+                                                    axis=1) for name in ("k", "v"))
                     return keys, values, mask, cache
                 # write this block into the layer's rows of the stacked cache, read the layer's first `stop` rows
                 new = {name: jax.lax.dynamic_update_slice(cache[name], block[name][None], (layer, 0, start_index, 0, 0))
@@ -236,9 +239,7 @@ class VAR(nnx.Module):
                 if static and start == 0:   # nothing cached yet: attend to the block itself, as the cache holds it
                     # (re-reading the just-written cache made XLA copy the whole stacked cache)
                     return block["k"][:, :stop], block["v"][:, :stop], mask, new
-                keys, values = (jax.lax.dynamic_slice(new[name], (layer, 0, 0, 0, 0), (1, *k.shape[:1], stop,
-                                                      *k.shape[2:]))[0] for name in ("k", "v"))
-                return keys, values, mask, new
+                return first_rows(new["k"], stop), first_rows(new["v"], stop), mask, new
             return kv_fn
 
         x, cache = self._run_blocks(x.astype(compute_dtype(cfg)), cond, make_kv_fn, cache=cache)
