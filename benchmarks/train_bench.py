@@ -9,6 +9,11 @@
    count of the compiled step, which covers the scanned block once) and MFU against the measured peak.
 2. Per-device memory of the compiled step for d16 and d30 on a simulated 8-device FSDP mesh: compile only
    (`.lower().compile().memory_analysis()` on abstract params; nothing is allocated), in a subprocess.
+3. With `--grad-accum K`: XLA's memory estimate of the compiled d{depth} step (tokenising in the step) at the
+   same global batch `--batch` as one batch and as K micro-batches (config.grad_accum_steps), on this
+   machine's devices; compile only.
+
+    python benchmarks/train_bench.py --skip-throughput --memory-depths '' --depth 8 --batch 8 --grad-accum 4
 """
 from __future__ import annotations
 
@@ -53,7 +58,7 @@ def measure_matmul_peak(n: int = 2048, reps: int = 10) -> float:
 
 
 def build(depth: int, batch: int, mesh, *, with_tokenizer: bool, remat: str = "none", abstract: bool = False,
-          compute_dtype: str = "auto"):
+          compute_dtype: str = "auto", grad_accum: int = 1):
     """(jitted step, layout, frozen tokenizer state or abstract, tokenizer fn, VARConfig, tokenizer parts)."""
     import jax
     from flax import nnx
@@ -94,7 +99,7 @@ def build(depth: int, batch: int, mesh, *, with_tokenizer: bool, remat: str = "n
         batch_example = {"tokens": jax.ShapeDtypeStruct((batch, L), "int32"),
                          "teacher_input": jax.ShapeDtypeStruct((batch, L - 1, var_cfg.z_channels), "float32"),
                          "label": jax.ShapeDtypeStruct((batch,), "int32")}
-    step_fn = make_var_train_step(parts, tx, VarStepConfig(patch_nums=var_cfg.patch_nums),
+    step_fn = make_var_train_step(parts, tx, VarStepConfig(patch_nums=var_cfg.patch_nums, grad_accum_steps=grad_accum),
                                   tokenize if with_tokenizer else None)
     step = jit_train_step(step_fn, layout, mesh, batch_example, tok_shardings if with_tokenizer else None)
     return step, layout, tok_state, tokenize, var_cfg, batch_example, parts, tx
@@ -170,33 +175,43 @@ def time_steps(depth: int, batch: int, steps: int, compute_dtype: str = "auto") 
     return rows
 
 
-def memory_report(depths, per_device_batch: int, remat: str) -> list[dict]:
-    """Run inside a process with 8 simulated devices: compile the step on an FSDP mesh, report bytes."""
+def compiled_memory(depth: int, batch: int, mesh, remat: str, grad_accum: int = 1) -> dict:
+    """XLA's per-device memory estimate of the compiled d{depth} step (tokenising in the step), compiled on
+    abstract params and batch: nothing is allocated."""
     import jax
 
-    from var_jax.sharding import make_mesh
     from var_jax.train.state import batch_shardings, param_count
+    step, layout, tok_state, _, var_cfg, batch_example, _, _ = build(depth, batch, mesh, with_tokenizer=True,
+                                                                     remat=remat, abstract=True, grad_accum=grad_accum)
+    shardings = batch_shardings(mesh, batch_example)
+    batch_abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
+                      for k, v in batch_example.items()}
+    t = time.perf_counter()
+    with jax.set_mesh(mesh):
+        compiled = step.lower(layout.abstract, batch_abstract, tok_state).compile()
+    mem = compiled.memory_analysis()
+    gib = lambda b: b / 2 ** 30
+    return {"depth": depth, "devices": mesh.size, "mesh": dict(mesh.shape), "global_batch": batch,
+            "grad_accum_steps": grad_accum, "remat": remat, "params": param_count(layout.abstract.params),
+            "compile_s": time.perf_counter() - t,
+            "argument_gib": gib(mem.argument_size_in_bytes), "output_gib": gib(mem.output_size_in_bytes),
+            "temp_gib": gib(mem.temp_size_in_bytes), "alias_gib": gib(mem.alias_size_in_bytes),
+            "peak_estimate_gib": gib(mem.argument_size_in_bytes + mem.output_size_in_bytes
+                                     - mem.alias_size_in_bytes + mem.temp_size_in_bytes)}
+
+
+def memory_report(depths, per_device_batch: int, remat: str) -> list[dict]:
+    """Run inside a process with 8 simulated devices: compile the step on an FSDP mesh, report bytes."""
+    from var_jax.sharding import make_mesh
     mesh = make_mesh((1, -1, 1))
-    rows = []
-    for depth in depths:
-        batch = per_device_batch * mesh.size
-        step, layout, tok_state, _, var_cfg, batch_example, _, _ = build(depth, batch, mesh, with_tokenizer=True,
-                                                                         remat=remat, abstract=True)
-        shardings = batch_shardings(mesh, batch_example)
-        batch_abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
-                          for k, v in batch_example.items()}
-        t = time.perf_counter()
-        with jax.set_mesh(mesh):
-            compiled = step.lower(layout.abstract, batch_abstract, tok_state).compile()
-        mem = compiled.memory_analysis()
-        gib = lambda b: b / 2 ** 30
-        rows.append({"depth": depth, "devices": mesh.size, "mesh": dict(mesh.shape), "global_batch": batch,
-                     "remat": remat, "params": param_count(layout.abstract.params), "compile_s": time.perf_counter() - t,
-                     "argument_gib": gib(mem.argument_size_in_bytes), "output_gib": gib(mem.output_size_in_bytes),
-                     "temp_gib": gib(mem.temp_size_in_bytes), "alias_gib": gib(mem.alias_size_in_bytes),
-                     "peak_estimate_gib": gib(mem.argument_size_in_bytes + mem.output_size_in_bytes
-                                              - mem.alias_size_in_bytes + mem.temp_size_in_bytes)})
-    return rows
+    return [compiled_memory(depth, per_device_batch * mesh.size, mesh, remat) for depth in depths]
+
+
+def grad_accum_report(depth: int, batch: int, steps: int, remat: str) -> list[dict]:
+    """The same global batch as one batch and as `steps` micro-batches, on this machine's devices."""
+    from var_jax.sharding import make_mesh
+    mesh = make_mesh((-1, 1, 1))
+    return [compiled_memory(depth, batch, mesh, remat, grad_accum=k) for k in (1, steps)]
 
 
 def main():
@@ -209,9 +224,14 @@ def main():
     parser.add_argument("--remat", default="block", choices=("none", "block"))
     parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"),
                         help="compute dtype of the throughput part ('auto': the backend's)")
+    parser.add_argument("--grad-accum", type=int, default=0, metavar="K",
+                        help="also compare XLA's memory estimate of the d{depth} step at global batch --batch as one "
+                             "batch and as K micro-batches (compile only)")
     parser.add_argument("--skip-throughput", action="store_true")
     parser.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)   # the subprocess
     args = parser.parse_args()
+    if args.grad_accum > 1 and args.batch % args.grad_accum:
+        parser.error(f"--grad-accum {args.grad_accum} must divide --batch {args.batch}")
 
     if args.memory_only:
         depths = [int(d) for d in args.memory_depths.split(",") if d]
@@ -245,6 +265,15 @@ def main():
                   f"{row['global_batch']}, remat {row['remat']}: per device arguments {row['argument_gib']:.2f} GiB, "
                   f"temporaries {row['temp_gib']:.2f} GiB, outputs {row['output_gib']:.2f} GiB (aliased "
                   f"{row['alias_gib']:.2f}); peak ≈ {row['peak_estimate_gib']:.2f} GiB (compile {row['compile_s']:.0f} s)")
+
+    if args.grad_accum > 1:
+        print(f"| d{args.depth}, global batch {args.batch}, remat {args.remat} | micro-batch | temporaries GiB "
+              "| arguments GiB | peak estimate GiB |\n|---|---|---|---|---|")
+        for row in grad_accum_report(args.depth, args.batch, args.grad_accum, args.remat):
+            k = row["grad_accum_steps"]
+            print(f"| grad_accum_steps={k} | {row['global_batch'] // k} | {row['temp_gib']:.3f} | "
+                  f"{row['argument_gib']:.3f} | {row['peak_estimate_gib']:.3f} |")
+            print("ROW " + json.dumps(row))
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ sys.path.insert(0, str(REPO_ROOT))   # so that a checkout that is not pip-instal
 
 from var_jax.cli.common import exit_on_command_error  # noqa: E402
 from var_jax.cli.train import parse_args_with_overrides  # noqa: E402
+from var_jax.train.workdir import Workdir  # noqa: E402
 
 MODEL_CONFIG = Path("model") / "config.json"
 SAMPLE_BATCH = 32
@@ -312,7 +313,7 @@ def main(argv=None) -> int:
     if not args.table_only:
         for name in names:
             command = train_command(args, name, widths[name])
-            if (out / name / MODEL_CONFIG).is_file():
+            if Workdir.at(out / name).finished():
                 print(f"[ablations] {name}: finished ({MODEL_CONFIG} exists), skipped", flush=True)
                 continue
             print(("" if args.dry_run else "[ablations] ") + shlex.join(command), flush=True)
@@ -338,7 +339,7 @@ def main(argv=None) -> int:
     rows = [real_row(args, ref_features, classifier, resolution)]
     print(f"[ablations] classifier and references ready in {time.time() - t0:.0f} s", flush=True)
     for name in names:
-        if not (out / name / MODEL_CONFIG).is_file():
+        if not Workdir.at(out / name).finished():
             print(f"[ablations] {name}: no exported model, left out of the table", file=sys.stderr)
             continue
         t0 = time.time()
@@ -350,7 +351,7 @@ def main(argv=None) -> int:
               + json.dumps({k: row[k] for k in ("params", "val_loss", "fid", "precision", "recall", "accuracy",
                                                 "sec_per_image")}), flush=True)
     model_rows = [r for r in rows if r["name"] != "real"]
-    batch = json.loads((out / names[0] / "train_config.json").read_text())["batch_size"] if model_rows else None
+    batch = json.loads(Workdir.at(out / names[0]).train_config.read_text())["batch_size"] if model_rows else None
     device = jax.devices()[0]
     meta = {"steps": args.steps, "depth": args.depth, "batch": batch, "matched_width": not args.same_width,
             "num_samples": args.num_samples, "num_refs": args.num_refs, "cfg": args.cfg, "top_k": args.top_k,

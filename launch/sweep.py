@@ -36,11 +36,12 @@ sys.path.insert(0, str(REPO_ROOT))   # so that a checkout that is not pip-instal
 from var_jax.cli.common import CommandError, exit_on_command_error, parse_int_list  # noqa: E402
 from var_jax.cli.train import parse_args_with_overrides  # noqa: E402
 from var_jax.paths import user_path  # noqa: E402
+from var_jax.train.workdir import Workdir  # noqa: E402
 
 REFERENCE_WIDTH_PER_DEPTH = 64      # VAR: C = 64·depth, heads = depth
 SLURM_LAUNCHER = REPO_ROOT / "launch" / "slurm_gpu.sh"
 TPU_LAUNCHER = REPO_ROOT / "launch" / "tpu_pod.sh"
-MODEL_CONFIG = Path("model") / "config.json"
+MODEL_CONFIG = "model/config.json"      # written last by a finished run (var_jax/train/workdir.py)
 SLURM_SCRIPT = "sweep_slurm.sh"
 
 
@@ -64,6 +65,10 @@ def parse_args(argv):
     return args
 
 
+def run_dir(args, depth: int) -> str:
+    return f"{args.sweep_dir.rstrip('/')}/{run_name(depth)}"
+
+
 def train_arguments(args, depth: int) -> list[str]:
     """The `train` arguments of run d{depth} (after `python -m var_jax train`)."""
     keys = {item.partition("=")[0] for item in args.overrides}
@@ -72,8 +77,7 @@ def train_arguments(args, depth: int) -> list[str]:
         shape.append(f"--config.model.width={args.width_per_depth * depth}")
     if "model.heads" not in keys:
         shape.append(f"--config.model.heads={depth}")
-    workdir = f"{args.sweep_dir.rstrip('/')}/{run_name(depth)}"
-    return (["--config", args.config, "--workdir", workdir, f"--config.model.depth={depth}", *shape]
+    return (["--config", args.config, "--workdir", run_dir(args, depth), f"--config.model.depth={depth}", *shape]
             + [f"--config.{item}" for item in args.overrides])
 
 
@@ -82,7 +86,7 @@ def local_command(args, depth: int) -> list[str]:
 
 
 def is_finished(args, depth: int) -> bool:
-    return "://" not in args.sweep_dir and (Path(args.sweep_dir) / run_name(depth) / MODEL_CONFIG).is_file()
+    return Workdir.at(run_dir(args, depth)).finished()
 
 
 def slurm_script(args, depths) -> str:
@@ -120,7 +124,7 @@ def main(argv=None) -> int:
 
     if args.slurm:
         script = slurm_script(args, depths)
-        path = Path(args.sweep_dir) / SLURM_SCRIPT
+        path = user_path(args.sweep_dir) / SLURM_SCRIPT
         if args.dry_run:
             print(script, end="")
             return 0

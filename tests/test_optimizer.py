@@ -19,14 +19,21 @@ def optim_cfg(**kw):
     return cfg
 
 
-def reference_lr(it, peak, wp_it, max_it, wp0, wpe):
-    """lr_wd_annealing('lin0', ...) transcribed from the reference's description (VAR_REFERENCE.md §4)."""
+def reference_lr(it, peak, wp_it, max_it, wp0, wpe, sche="lin0"):
+    """lr_wd_annealing(sche, ...) of the reference's utils/lr_control.py, for 'lin0' and 'lin<T>'."""
+    wp_it = round(wp_it)
     if it < wp_it:
         return peak * (wp0 + (1 - wp0) * it / wp_it)
     passed = (it - wp_it) / (max_it - 1 - wp_it)
-    if passed < 0.05:
-        return peak
-    return peak * (wpe + (1 - wpe) * (1 - passed) / 0.95)
+    if sche == "lin0":
+        if passed < 0.05:
+            return peak
+        return peak * (wpe + (1 - wpe) * (1 - passed) / 0.95)
+    t = float(sche[3:])
+    mid = (1 + wpe + (1 - wpe) * (1 - t)) / 2
+    if passed < t:
+        return peak * (1 + (mid - 1) * passed / t)
+    return peak * (wpe + (mid - wpe) * (1 - passed) / (1 - t))
 
 
 def reference_wd(it, wd, wd_end, max_it):
@@ -45,6 +52,27 @@ def test_lr_schedule_matches_reference_lin0(total, batch, warmup):
     assert got[-1] == pytest.approx(0.1 * peak, rel=1e-5)
     if warmup:
         assert got[0] == pytest.approx(0.005 * peak, rel=1e-5)
+
+
+@pytest.mark.parametrize("sche,total,warmup", [("lin0.8", 500, 10), ("lin0.05", 347, 7), ("lin00", 120, 0),
+                                                ("lin0.333333", 999, 20), ("lin1", 200, 4)])
+def test_lr_schedule_matches_reference_lin_fraction(sche, total, warmup):
+    cfg = optim_cfg(warmup_steps=warmup, schedule=sche, wpe=0.01)
+    got = np.asarray(jax.vmap(optimizer.learning_rate_schedule(cfg, 512, total))(jnp.arange(total)))
+    steps = range(total - 1) if sche == "lin1" else range(total)   # the reference's lin1 divides 0 by 0 at the end
+    want = [reference_lr(s, 2e-4, warmup, total, 0.005, 0.01, sche) for s in steps]
+    np.testing.assert_allclose(got[:len(want)], want, rtol=2e-5, atol=1e-12)
+    if sche == "lin1":   # its first line continued: the midpoint (1 + wpe) / 2 at the last step
+        assert got[-1] == pytest.approx(2e-4 * (1 + 0.01) / 2, rel=1e-5)
+
+
+def test_lin0_is_not_lin_fraction_zero_and_bad_fractions_are_named():
+    lin0 = optimizer.learning_rate_schedule(optim_cfg(warmup_steps=0), 256, 100)
+    lin00 = optimizer.learning_rate_schedule(optim_cfg(warmup_steps=0, schedule="lin0.0"), 256, 100)
+    assert float(lin0(3)) == pytest.approx(1e-4) and float(lin00(3)) < 1e-4   # 5 % flat vs a straight line
+    for bad in ("lin1.5", "lin", "lin-0.2", "linear"):
+        with pytest.raises(ValueError, match=r"optim\.schedule: unknown schedule"):
+            optimizer.learning_rate_schedule(optim_cfg(schedule=bad), 256, 100)
 
 
 def test_warmup_fraction_and_constant_schedule():

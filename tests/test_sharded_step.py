@@ -1,5 +1,6 @@
 """On 8 simulated CPU devices, the VAR train step (on-the-fly tokenisation included) gives the same losses and
-updated parameters on the meshes (8,1,1), (2,4,1), (2,2,2), (1,1,8) as on one device, over several steps."""
+updated parameters on the meshes (8,1,1), (2,4,1), (2,2,2), (1,1,8) and a two-slice mesh (mesh_dcn (2,1,1) x mesh
+(2,2,1), the devices arranged as on a multi-slice TPU) as on one device, over several steps."""
 import numpy as np
 
 from conftest import run_with_devices
@@ -44,7 +45,7 @@ initial = jax.tree.map(np.asarray, init_train_state(model_fn, tx, abstract_train
                                                     one_device, seed=0))
 
 def run(mesh_shape, devices=None):
-    mesh = make_mesh(mesh_shape, devices=devices)
+    mesh = mesh_shape if isinstance(mesh_shape, jax.sharding.Mesh) else make_mesh(mesh_shape, devices=devices)
     layout = abstract_train_state(parts, tx, mesh)
     state = jax.device_put(initial, layout.shardings)
     tok_sh = nnx.to_pure_dict(state_shardings(tok_vars, mesh))
@@ -61,8 +62,15 @@ def run(mesh_shape, devices=None):
 ref_losses, ref_params, _ = run((1, 1, 1), devices=jax.devices()[:1])
 assert not np.allclose(jax.tree.leaves(ref_params)[0], jax.tree.leaves(initial.params)[0])
 out = {"ref": ref_losses}
-for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8)]:
+# two slices of 4 CPU devices (even ids, odd ids) as a multi-slice TPU job lays them out: mesh_dcn (2, 1, 1) x
+# mesh (2, 2, 1), each slice one block of the data axis
+from test_mesh import sliced_cpu_mesh
+hybrid = sliced_cpu_mesh((2, 2, 1), (2, 1, 1), slice_of=lambda d: d.id % 2)
+assert dict(hybrid.shape) == {"data": 4, "fsdp": 2, "tensor": 1}
+assert [d.id for d in hybrid.devices.flat] == [0, 2, 4, 6, 1, 3, 5, 7]
+for shape in [(8, 1, 1), (2, 4, 1), (2, 2, 2), (1, 1, 8), hybrid]:
     losses, params, specs = run(shape)
+    shape = "hybrid" if shape is hybrid else shape
     # relative L2 difference per parameter array (elementwise, Adam's first steps move near-zero-gradient
     # entries by ±lr whatever the gradient's last bits, so a norm is the meaningful measure)
     rel = max(float(np.linalg.norm(a - b) / (np.linalg.norm(b) + 1e-12))
@@ -88,6 +96,7 @@ def test_meshes_match_single_device():
     # the meshes really shard: FSDP splits `embed`, tensor parallelism splits `mlp`/`vocab`
     assert any("fsdp" in s for s in result["(2, 4, 1)"]["specs"])
     assert any("tensor" in s for s in result["(1, 1, 8)"]["specs"])
+    assert any("fsdp" in s for s in result["hybrid"]["specs"])
 
 
 def test_local_multiprocess_launcher(tmp_path):

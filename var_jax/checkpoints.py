@@ -7,14 +7,17 @@ Layout of a model directory:
     tokenizer/    orbax checkpoint of the tokenizer's parameters (a nested dict of arrays)
     var/          the same for the VAR transformer, when there is one
 
-Only parameters are stored; the module structure (and any buffers) is rebuilt from the configs. The directory is
-written under a temporary name and renamed into place when complete, so a reader never sees half of one.
+Only parameters are stored; the module structure (and any buffers) is rebuilt from the configs. A reader never sees
+half a directory: locally it is written under a temporary name and renamed into place when complete; on a bucket,
+where a rename copies every object, it is written in place with config.json (which every reader requires) removed
+first and written last.
 """
 from __future__ import annotations
 
 import dataclasses
 import hashlib
 import json
+import re
 import uuid
 from typing import Any, Callable
 
@@ -25,7 +28,8 @@ from etils import epath
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from var_jax.paths import atomic_write_text, user_path
+from var_jax.orbax_loops import draining_event_loops
+from var_jax.paths import atomic_write_text, is_local, user_path
 from var_jax.sharding import state_shardings
 from var_jax.tokenizer.config import TokenizerConfig
 from var_jax.tokenizer.vqvae import VQVAE
@@ -38,8 +42,9 @@ CONFIG_FILE = "config.json"
 # Config fields the tokenizer and the transformer must agree on: the transformer predicts the tokenizer's codes
 # (vocab_size), embeds its latents (z_channels) and walks its scales (patch_nums).
 SHARED_FIELDS = ("vocab_size", "z_channels", "patch_nums")
-# orbax's per-save bookkeeping (timestamps): not part of what a checkpoint holds
-VOLATILE_FILES = ("_CHECKPOINT_METADATA",)
+# orbax's per-save bookkeeping (timestamps; on a bucket, a commit marker naming the path): not part of what a
+# checkpoint holds
+VOLATILE_FILES = ("_CHECKPOINT_METADATA", "commit_success.txt")
 # Keys under which training checkpoints commonly nest their state_dict (tried in this order).
 WRAPPER_KEYS = ("state_dict", "model", "module", "params")
 
@@ -108,9 +113,14 @@ def save_model_dir(directory, tokenizer=None, var=None, *, overwrite: bool = Fal
     if directory.exists() and not overwrite:
         raise CheckpointError(f"{directory} already exists (pass overwrite=True to replace it)")
     # The same temporary name on every host (each writes its shards there); a stale one from a crash is removed.
-    tmp = directory.parent / f".{directory.name}.partial"
-    if jax.process_index() == 0 and tmp.exists():
-        tmp.rmtree()
+    # A bucket has no rename: there the directory itself is emptied, its config.json first.
+    in_place = not is_local(directory)
+    tmp = directory if in_place else directory.parent / f".{directory.name}.partial"
+    if jax.process_index() == 0:
+        if in_place and (directory / CONFIG_FILE).exists():
+            (directory / CONFIG_FILE).unlink()
+        if tmp.exists():
+            tmp.rmtree()
     sync_hosts("var_jax.save_model_dir.start")
     config = {"format": FORMAT_NAME, "version": FORMAT_VERSION,
               "tokenizer": tokenizer[0].to_dict() if tokenizer else None,
@@ -122,12 +132,12 @@ def save_model_dir(directory, tokenizer=None, var=None, *, overwrite: bool = Fal
         checkpointer.wait_until_finished()
     if jax.process_index() == 0:
         atomic_write_text(tmp / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
-        if directory.exists():
+        if not in_place and directory.exists():
             trash = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex[:8]}"
             directory.rename(trash)
             tmp.rename(directory)
             trash.rmtree()
-        else:
+        elif not in_place:
             tmp.rename(directory)
     sync_hosts("var_jax.save_model_dir.done")
     return directory
@@ -237,7 +247,8 @@ def _restore_module(path: epath.Path, model_fn, mesh, what: str):
         device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         shardings = jax.tree.map(lambda _: device, abstract)
     target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
-    with ocp.StandardCheckpointer() as checkpointer:
+    # a failed read must end the others before the error is raised (orbax_loops: else stray tracebacks follow)
+    with draining_event_loops(), ocp.StandardCheckpointer() as checkpointer:
         try:
             item = checkpointer.metadata(path).item_metadata
         except Exception as e:  # orbax raises several types for unreadable directories
@@ -330,6 +341,28 @@ def _tensor_to_numpy(t) -> np.ndarray:
     return t.numpy()
 
 
+# The first bytes of what torch.save writes: a zip archive (as every .npz is), or before torch 1.6 a pickle
+# (protocol 2 or later starts with the PROTO opcode 0x80).
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_MAGIC = b"\x80"
+
+
+def _file_start(path, size: int = 4) -> bytes:
+    with path.open("rb") as f:
+        return f.read(size)
+
+
+def _torch_load_problem(error: BaseException) -> str:
+    """torch.load's error as one clause: its messages run to paragraphs (and suggest weights_only=False, which
+    would run code from the file)."""
+    reason = _root_cause(error)
+    unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", reason)
+    if unsupported:
+        return (f"it holds Python objects besides tensors ({unsupported.group(1)}), which a weights-only load "
+                "refuses; save the state_dict alone (torch.save(model.state_dict(), PATH))")
+    return f"it is damaged or truncated ({reason.split('. ')[0].rstrip('.')})"
+
+
 def read_state_dict(path, key: str | None = None) -> dict[str, np.ndarray]:
     """A reference state_dict as numpy arrays, from `.pth`/`.pt` (torch, weights only) or `.npz`.
 
@@ -341,11 +374,19 @@ def read_state_dict(path, key: str | None = None) -> dict[str, np.ndarray]:
         raise CheckpointError(f"checkpoint file {path} does not exist")
     suffix = path.suffix.lower()
     if suffix == ".npz":
+        if not _file_start(path).startswith(ZIP_MAGIC):
+            raise CheckpointError(f"{path} is not an .npz archive (it does not start like the zip file np.savez "
+                                  "writes)")
         try:
             with path.open("rb") as f, np.load(f, allow_pickle=False) as data:
                 arrays = {k: data[k] for k in data.files}
-        except Exception as e:  # zipfile / numpy raise many types for a damaged file
-            raise CheckpointError(f"cannot read {path} as .npz: {e}") from None
+        except ValueError as e:
+            if "allow_pickle" not in str(e):
+                raise CheckpointError(f"{path} is a damaged .npz: {_root_cause(e)}") from None
+            raise CheckpointError(f"{path} holds object arrays (pickled Python objects), which are never loaded; "
+                                  "save plain numeric arrays") from None
+        except Exception as e:  # zipfile / zlib / numpy raise many types for a damaged file
+            raise CheckpointError(f"{path} is a damaged or truncated .npz: {_root_cause(e)}") from None
         if key:
             prefix = key.rstrip("/") + "/"
             arrays = {k[len(prefix):]: v for k, v in arrays.items() if k.startswith(prefix)}
@@ -358,9 +399,13 @@ def read_state_dict(path, key: str | None = None) -> dict[str, np.ndarray]:
         import torch
     except ImportError:
         raise CheckpointError(f"reading {path} needs PyTorch: pip install -e .[convert]") from None
+    start = _file_start(path)
+    if not (start.startswith(ZIP_MAGIC) or start[:1] == PICKLE_MAGIC):
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (neither the zip archive nor the pickle that "
+                              "torch.save writes)")
     try:
         with path.open("rb") as f:
             obj = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle / zip errors of a damaged or non-torch file
-        raise CheckpointError(f"cannot read {path} with torch.load(weights_only=True): {e}") from None
+        raise CheckpointError(f"cannot read {path} as a PyTorch checkpoint: {_torch_load_problem(e)}") from None
     return {k: _tensor_to_numpy(v) for k, v in _select(obj, key, path).items()}

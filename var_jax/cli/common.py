@@ -4,16 +4,19 @@ import argparse
 import math
 import sys
 
+from var_jax.paths import StorageUnavailable
+
 
 class CommandError(Exception):
     """A user-facing error: printed without a traceback, exit status 2."""
 
 
 def exit_on_command_error(prog: str, fn, *args):
-    """fn(*args); a CommandError is printed as 'PROG: error: ...' and exits with status 2 (no traceback)."""
+    """fn(*args); a CommandError (or a path whose storage library is missing) is printed as 'PROG: error: ...' and
+    exits with status 2 (no traceback)."""
     try:
         return fn(*args)
-    except CommandError as e:
+    except (CommandError, StorageUnavailable) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
 

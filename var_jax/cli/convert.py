@@ -55,7 +55,9 @@ def run(args):
             from var_jax.transformer.convert import var_from_state_dict
             var = var_from_state_dict(var_sd, tok_cfg, heads=args.var_heads)
         out = save_model_dir(args.out, tokenizer=(tok_cfg, tokenizer), var=var, overwrite=args.overwrite)
-    except (CheckpointError, KeyError, ValueError) as e:
+    except KeyError as e:   # str() of a KeyError is its repr, quotes and all
+        raise CommandError(e.args[0] if e.args else str(e)) from None
+    except (CheckpointError, ValueError) as e:
         raise CommandError(str(e)) from None
 
     print(f"tokenizer: {_param_count(tokenizer):,} parameters, V={tok_cfg.vocab_size}, Cvae={tok_cfg.z_channels}, "

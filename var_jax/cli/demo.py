@@ -24,12 +24,12 @@ from var_jax.cli import sample, train
 from var_jax.cli.common import CommandError
 from var_jax.cli.reruns import check_same_settings
 from var_jax.paths import atomic_write_text, user_path
+from var_jax.train.workdir import Workdir
 
 SETTINGS_FILE = "demo.json"
 STAGE_DIRS = {"tokenizer": "tokenizer", "var": "var"}
 SAMPLES_DIR = "samples"
 SCORE_FILE = "score.json"
-MODEL_DIR = "model"          # var_jax.train.trainer.MODEL_DIR: where a finished training exports its model
 NUM_CLASSES = 10             # var_jax.data.digits.NUM_CLASSES (not imported: --help stays light)
 # Sampling defaults for the digits models. The reference's ImageNet setting (cfg 1.5, top-k 900, top-p 0.96) keeps
 # every one of the V=256 codes; a tighter filter and stronger guidance trade diversity for class fidelity
@@ -85,7 +85,7 @@ def wiring_overrides(workdir, stage: str) -> list[str]:
     costs a compile), and stage 1's model as the VAR stage's tokenizer."""
     if stage == "tokenizer":
         return ["sample_every=0"]
-    tokenizer_model = user_path(workdir) / STAGE_DIRS["tokenizer"] / MODEL_DIR
+    tokenizer_model = Workdir.at(user_path(workdir) / STAGE_DIRS["tokenizer"]).model
     return [f"tokenizer_checkpoint={tokenizer_model}", "sample_every=0"]
 
 
@@ -102,8 +102,8 @@ def sampling_settings(args) -> dict:
 def train_stage(name: str, spec: str, overrides: list[str], workdir):
     """One `var-jax train` run (resumed by the trainer when its workdir holds checkpoints); skipped when it has
     already exported its model."""
-    if (workdir / MODEL_DIR / "config.json").is_file():
-        print(f"[demo] {name}: finished earlier ({workdir / MODEL_DIR}), skipped", flush=True)
+    if Workdir.at(workdir).finished():
+        print(f"[demo] {name}: finished earlier ({Workdir.at(workdir).model}), skipped", flush=True)
         return
     print(f"[demo] {name}: python -m var_jax train --config {spec} --workdir {workdir} "
           + " ".join(f"--config.{o}" for o in overrides), flush=True)
@@ -174,7 +174,7 @@ def run(args):
     train_stage("stage 2/3, VAR transformer", var_spec, var_overrides + wiring_overrides(workdir, "var"),
                 workdir / STAGE_DIRS["var"])
     out = workdir / SAMPLES_DIR
-    sample_stage(workdir / STAGE_DIRS["var"] / MODEL_DIR, out, args.num_per_class, sampling, args.seed)
+    sample_stage(Workdir.at(workdir / STAGE_DIRS["var"]).model, out, args.num_per_class, sampling, args.seed)
 
     score = score_samples(out, args.num_per_class)
     score["wall_s_this_run"] = round(time.perf_counter() - start, 1)

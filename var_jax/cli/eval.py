@@ -14,6 +14,11 @@ covariances and the reference's pool features, so every metric is available from
 and, for Inception, to the weights file's sha256), or, with --features digits, `digits:test` / `digits:train` /
 `digits:all`: the embedded digits split rendered at the samples' resolution.
 
+Samples and references must be images of one size and one colour kind (grey or RGB; a statistics file records
+its images' since this check exists): other pairs are refused, since their distance would measure the resizing.
+Sets with no more images than the feature dimensions (Inception 2,048, sFID 2,023, digits 64) give singular
+covariances: the metrics are still written, with a warning on stderr and under `warning` in --out.
+
 --inception: pytorch-fid's `pt_inception-2015-12-05-6726825d.pth` (the TF FID graph ported to PyTorch), read
 with torch.load(weights_only=True). Nothing downloads. Its sha256 goes into the metrics.
 Inputs are resized to 299 bilinearly (PyTorch align_corners=False), as pytorch-fid does; the TF graph the ADM
@@ -24,6 +29,7 @@ The Inception Score uses splits of 5,000 images; fewer images make one split, a 
 from __future__ import annotations
 
 import json
+import sys
 
 from var_jax.cli.common import CommandError, add_mesh_argument, batch_mesh
 from var_jax.eval.sources import first_line
@@ -83,6 +89,14 @@ def _images(option: str, text: str, args, resolution: int | None = None):
         raise CommandError(f"{option} {first_line(e)}") from None
 
 
+def _check_comparable(samples, ref_shape):
+    """Refuse samples and references of different image sizes or colour kinds (eval/evaluate.image_mismatch)."""
+    from var_jax.eval.evaluate import image_mismatch, image_shape_of
+    problem = image_mismatch(image_shape_of(samples), ref_shape) if samples is not None else None
+    if problem:
+        raise CommandError(problem)
+
+
 def run(args):
     from var_jax.eval import evaluate
     from var_jax.eval.feature_metrics import IS_SPLIT_SIZE
@@ -101,9 +115,11 @@ def run(args):
             if args.save_stats:
                 raise CommandError(f"--ref {ref_path} is already a statistics file; --save-stats needs images")
             ref = evaluate.load_stats(ref_path, network)
+            _check_comparable(samples, ref.image_shape)
         else:
-            ref = evaluate.compute_feature_set(_images("--ref", args.ref, args, resolution), network,
-                                               args.batch_size, desc="reference")
+            ref_images = _images("--ref", args.ref, args, resolution)
+            _check_comparable(samples, evaluate.image_shape_of(ref_images))
+            ref = evaluate.compute_feature_set(ref_images, network, args.batch_size, desc="reference")
         if args.save_stats:
             stats_path = user_path(args.save_stats)
             stats_path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,7 +132,10 @@ def run(args):
     except (SourceError, evaluate.StatsFileError, ValueError) as e:   # e.g. too few images for k-NN radii
         raise CommandError(first_line(e)) from None
 
-    result = {**metrics, "num_samples": smp.num_images, "num_ref": ref.num_images,
+    warning = evaluate.too_few_images(smp, ref)
+    if warning:
+        print(f"var-jax eval: warning: {warning}", file=sys.stderr)
+    result = {**metrics, "num_samples": smp.num_images, "num_ref": ref.num_images, "warning": warning,
               "inception_score_splits": smp.is_splits, "inception_score_split_size": IS_SPLIT_SIZE,
               "features": network.kind, "network": network.network_id,
               "weights": str(user_path(args.inception)) if args.inception else None,

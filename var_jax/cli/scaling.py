@@ -31,7 +31,7 @@ def run(args):
         runs = scaling.find_runs(sweep)
         if not runs:
             raise CommandError(f"--sweep: no finished runs under {sweep} (a run counts once it has exported "
-                               f"RUN/{scaling.MODEL_DIR}/config.json and has {scaling.METRICS_FILE})")
+                               f"RUN/{scaling.MODEL_DIR}/config.json and has logged metrics)")
         report = scaling.scaling_report(sweep)
     except (CheckpointError, ValueError, KeyError, OSError) as e:
         raise CommandError(" ".join(str(e).split())) from None

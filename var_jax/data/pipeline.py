@@ -7,8 +7,12 @@ batch k, assembled from the hosts' blocks in process order, is therefore the sam
 with the same random crops, whatever the number of hosts (so per-row randomness such as class dropout does not
 depend on it either); shards are disjoint and cover the stream.
 
-The iterator (`iter(make_dataset(...))`) is a grain DatasetIterator: `get_state()` / `set_state()` give a small
-JSON-able dict; `checkpoint_save_args` / `checkpoint_restore_args` wrap it for an orbax CheckpointManager.
+Resuming needs no iterator state: a train step consumes one global batch, so a run resumed after k steps starts
+the stream at global batch k (`start_batch`; `TrainBatches` for the trainer, which learns k only after restoring).
+The batches are the ones an uninterrupted run sees, whatever the number of hosts or grain workers before and after.
+The iterator (`iter(make_dataset(...))`) is still a grain DatasetIterator with `get_state()` / `set_state()`;
+`checkpoint_save_args` / `checkpoint_restore_args` wrap that state for an orbax CheckpointManager (older training
+checkpoints hold it, one file per process, as their `data` item; it is no longer read).
 
 Images travel as uint8 (4× fewer bytes than float32 from the host to the devices); the jitted steps turn them
 into the model's float32 [-1, 1] with transforms.to_model_range_on_device.
@@ -63,7 +67,7 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
 def make_dataset(source, *, image_size: int, global_batch_size: int, seed: int, train: bool = True,
                  shard_index: int | None = None, shard_count: int | None = None, num_epochs: int | None = None,
                  worker_count: int = 0, hflip: bool = False, drop_remainder: bool = True, num_threads: int = 8,
-                 prefetch_buffer_size: int = 8) -> grain.IterDataset:
+                 prefetch_buffer_size: int = 8, start_batch: int = 0) -> grain.IterDataset:
     """Batches {'image': uint8 (B, R, R, 3), 'label': int32 (B,), 'skipped_images': int32 (B,)} for this host,
     B = global / hosts ('skipped_images': 1 where an unreadable file was replaced). The steps convert the images
     to [-1, 1] on the devices (transforms.to_model_range_on_device).
@@ -73,7 +77,20 @@ def make_dataset(source, *, image_size: int, global_batch_size: int, seed: int, 
     yields the same number of batches (needed with several hosts). worker_count > 0 builds batches in that many
     grain worker processes (same batches, same order). num_threads batches are built concurrently by threads
     (in each worker), and up to prefetch_buffer_size batches are buffered: size it for memory.
+    start_batch: the index of the first global batch to yield (this host's block of it); a run resumed after k
+    train steps passes k.
     """
+    batches = _host_batches(source, image_size=image_size, global_batch_size=global_batch_size, seed=seed,
+                            train=train, shard_index=shard_index, shard_count=shard_count, num_epochs=num_epochs,
+                            hflip=hflip, drop_remainder=drop_remainder)
+    return _iterate(batches, start_batch, worker_count=worker_count, num_threads=num_threads,
+                    prefetch_buffer_size=prefetch_buffer_size)
+
+
+def _host_batches(source, *, image_size: int, global_batch_size: int, seed: int, train: bool = True,
+                  shard_index: int | None = None, shard_count: int | None = None, num_epochs: int | None = None,
+                  hflip: bool = False, drop_remainder: bool = True) -> grain.MapDataset:
+    """This host's batches as a lazy MapDataset: element k is its block of global batch k."""
     shard_index, shard_count = resolve_shard(shard_index, shard_count)
     if len(source) == 0:
         raise ValueError("data source is empty")
@@ -101,13 +118,46 @@ def make_dataset(source, *, image_size: int, global_batch_size: int, seed: int, 
     # whole batches and interleave them back in order, and the batches do not depend on worker_count.
     # MapDataset is lazy: a host only reads and transforms the blocks it keeps.
     batches = dataset.batch(global_batch_size // shard_count, drop_remainder=drop_remainder)
-    batches = batches[shard_index::shard_count]
-    batches = batches.to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
-                                                        prefetch_buffer_size=prefetch_buffer_size))
+    return batches[shard_index::shard_count]
+
+
+def _iterate(batches: grain.MapDataset, start_batch: int, *, worker_count: int, num_threads: int,
+             prefetch_buffer_size: int) -> grain.IterDataset:
+    if int(start_batch) < 0:
+        raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+    # Sliced before the iterator: no batch before the start is read or built, with or without grain workers.
+    batches = batches[int(start_batch):].to_iter_dataset(
+        grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch_buffer_size))
     if worker_count > 0:
         _use_default_absl_flags()
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count))
     return batches
+
+
+class TrainBatches:
+    """An iterator over this host's training batches (make_dataset's arguments) whose first batch can be chosen
+    until one is drawn: `start_at(k)` after restoring a checkpoint of step k. The settings are checked here, and
+    no batch is read before the first `next`."""
+
+    def __init__(self, source, *, worker_count: int = 0, num_threads: int = 8, prefetch_buffer_size: int = 8,
+                 **batch_settings):
+        self._batches = _host_batches(source, **batch_settings)
+        self._options = dict(worker_count=worker_count, num_threads=num_threads,
+                             prefetch_buffer_size=prefetch_buffer_size)
+        self._start, self._iterator = 0, None
+
+    def start_at(self, batch_index: int):
+        if self._iterator is not None:
+            raise RuntimeError("start_at: batches were already drawn from this iterator")
+        self._start = int(batch_index)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        if self._iterator is None:
+            self._iterator = iter(_iterate(self._batches, self._start, **self._options))
+        return next(self._iterator)
 
 
 class PaddedSource:

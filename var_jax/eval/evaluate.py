@@ -44,6 +44,7 @@ class FeatureSet:
     features: np.ndarray | None
     inception_score: float | None = None
     is_splits: int | None = None
+    image_shape: tuple | None = None   # (H, W, stored channels) of the images; None: a statistics file without it
 
 
 @dataclasses.dataclass
@@ -107,7 +108,7 @@ def compute_feature_set(images, network: Network, batch_size: int, desc: str = "
     if done < 2:
         raise ValueError(f"{images.name}: statistics need at least 2 images, got {done}")
     return FeatureSet(done, pool_stats.mean, pool_stats.cov, spatial_stats.mean, spatial_stats.cov, features,
-                      is_acc.result(), len(is_acc.split_scores))
+                      is_acc.result(), len(is_acc.split_scores), image_shape_of(images))
 
 
 def save_stats(path, fs: FeatureSet, network: Network):
@@ -118,6 +119,8 @@ def save_stats(path, fs: FeatureSet, network: Network):
               "inception_score": np.array(np.nan if fs.inception_score is None else fs.inception_score)}
     if fs.features is not None:
         arrays["features"] = fs.features
+    if fs.image_shape is not None:
+        arrays["image_shape"] = np.array(fs.image_shape)
     return atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
@@ -148,8 +151,9 @@ def load_stats(path, network: Network) -> FeatureSet:
         raise StatsFileError(f"{path}: statistics were computed with weights sha256 {sha[:12]}…, "
                              f"these weights are {(network.sha256 or '')[:12]}…")
     is_value = float(arrays["inception_score"])
+    shape = tuple(int(v) for v in arrays["image_shape"]) if "image_shape" in arrays else None   # older files: none
     return FeatureSet(int(arrays["num_images"]), arrays["mu"], arrays["sigma"], arrays["mu_s"], arrays["sigma_s"],
-                      arrays.get("features"), None if np.isnan(is_value) else is_value)
+                      arrays.get("features"), None if np.isnan(is_value) else is_value, image_shape=shape)
 
 
 def compare(samples: FeatureSet, ref: FeatureSet, mesh=None) -> dict:
@@ -161,3 +165,41 @@ def compare(samples: FeatureSet, ref: FeatureSet, mesh=None) -> dict:
     if samples.features is not None and ref.features is not None:
         out["precision"], out["recall"] = fm.precision_recall(ref.features, samples.features, mesh=mesh)
     return out
+
+
+# ---- what makes two sets comparable ------------------------------------------------------------------------
+
+def image_shape_of(images) -> tuple[int, int, int]:
+    """(H, W, channels as stored: 1 grey, 3 colour) of an image source (var_jax.eval.sources)."""
+    return tuple(images.image_shape[:2]) + (int(images.stored_channels),)
+
+
+def describe_image_shape(shape) -> str:
+    height, width, channels = shape
+    return f"{width}×{height} {'grey' if channels == 1 else 'RGB'}"
+
+
+def image_mismatch(samples_shape, ref_shape) -> str | None:
+    """Why two image sets should not be compared, or None. Both are resized to the network's input either way,
+    so a FID between sizes or between grey and colour images runs, but it measures the resizing and the colour
+    conversion rather than the samples."""
+    if samples_shape is None or ref_shape is None or tuple(samples_shape) == tuple(ref_shape):
+        return None
+    return (f"the samples are {describe_image_shape(samples_shape)} images but the references are "
+            f"{describe_image_shape(ref_shape)}: FID compares sets of one image size and colour kind; resize or "
+            "convert one set to the other's first")
+
+
+def too_few_images(samples: FeatureSet, ref: FeatureSet) -> str | None:
+    """A warning when either set has no more images than the feature dimensions: the covariances are then
+    singular, so FID and sFID say little, and with so few points the k-NN balls of precision and recall cover
+    everything (the ADM protocol scores 50,000 samples against its reference batch)."""
+    dims = {"FID": len(samples.mu), "sFID": len(samples.mu_s)}
+    fewest = min(samples.num_images, ref.num_images)
+    short = {name: dim for name, dim in dims.items() if fewest <= dim}
+    if not short:
+        return None
+    return (f"{samples.num_images} samples and {ref.num_images} references are too few: no more images than "
+            "feature dimensions (" + ", ".join(f"{name} {dim}" for name, dim in short.items()) + ") give singular "
+            "covariances, so these FID, sFID, precision and recall are not meaningful (the ADM protocol scores "
+            "50,000 samples)")

@@ -11,7 +11,7 @@ run counts once it has exported WORKDIR/model/config.json. Per run:
   AdaLN and the output head). `params_total` is every parameter.
 - flops (C): training compute, var_jax.train.var.flops.var_train_flops_per_example (matmuls, forward + backward,
   tokenizer excluded) × batch_size (WORKDIR/train_config.json; config.json in older workdirs) × the last logged
-  step (metrics.jsonl).
+  step (the workdir's metrics, var_jax.train.workdir.read_metrics: metrics.jsonl, or metrics/ on a bucket).
 - val_loss / val_loss_last / val_err / val_err_last: the last logged `val/loss`, `val/loss_last`, `val/acc`,
   `val/acc_last` (held-out evaluation; accuracies in %, as the training metrics log them; error = 1 - acc/100).
   A run that logged none falls back to the training metrics `Lm`, `Lt`, `Accm`, `Acct`, averaged over its last
@@ -33,14 +33,13 @@ from flax import nnx
 
 from var_jax.checkpoints import read_model_config
 from var_jax.paths import atomic_write, atomic_write_text, user_path
-from var_jax.train.logging import METRICS_FILE
-from var_jax.train.trainer import MODEL_DIR, TRAIN_CONFIG_FILE
+from var_jax.train.workdir import MODEL_DIR, Workdir, read_metrics
 from var_jax.train.var.flops import var_train_flops_per_example
 from var_jax.transformer import VAR, VARConfig
 
 METRICS = ("val_loss", "val_loss_last", "val_err", "val_err_last")
 X_AXES = ("params", "flops")
-# metric -> (held-out key in metrics.jsonl, training fallback key, is an accuracy in % to turn into an error)
+# metric -> (held-out key of a metric record, training fallback key, is an accuracy in % to turn into an error)
 METRIC_KEYS = {"val_loss": ("val/loss", "Lm", False), "val_loss_last": ("val/loss_last", "Lt", False),
                "val_err": ("val/acc", "Accm", True), "val_err_last": ("val/acc_last", "Acct", True)}
 EMBEDDING_PARAMS = ("word_embed", "class_emb", "pos_start", "pos_1LC", "lvl_embed")
@@ -49,7 +48,6 @@ BOOTSTRAP_SAMPLES = 2000
 BOOTSTRAP_SEED = 0
 CI_LEVEL = 0.95
 FLAT_TOLERANCE = 1e-9       # relative spread of log y below which y counts as constant (float round-off)
-OLD_RUN_CONFIG = "config.json"      # the run config's name in workdirs from before train_config.json
 LABELS = {"params": "non-embedding parameters N", "flops": "training compute C (FLOPs)",
           "val_loss": "held-out loss (all tokens)", "val_loss_last": "held-out loss (last scale)",
           "val_err": "token error rate (all tokens)", "val_err_last": "token error rate (last scale)"}
@@ -129,17 +127,6 @@ def non_embedding_params(var_config: dict) -> tuple[int, int]:
     return total - embedding, total
 
 
-def read_metrics(path) -> list[dict]:
-    """Records of a metrics.jsonl (a torn last line is skipped)."""
-    records = []
-    for line in user_path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
-
-
 def _number(value) -> float | None:
     try:
         value = float(value)
@@ -168,17 +155,14 @@ def final_metrics(records: list[dict]) -> tuple[dict, str]:
 def collect_run(run_dir) -> dict:
     """One point of scaling.json from a finished training workdir."""
 
-    run_dir = user_path(run_dir)
-    model_config = read_model_config(run_dir / MODEL_DIR)
+    run_dir = Workdir.at(run_dir)
+    model_config = read_model_config(run_dir.model)
     if not model_config.get("var"):
-        raise ValueError(f"{run_dir / MODEL_DIR}: holds no VAR transformer (a tokenizer run?)")
-    run_config_path = run_dir / TRAIN_CONFIG_FILE
-    if not run_config_path.exists():
-        run_config_path = run_dir / OLD_RUN_CONFIG
-    run_config = json.loads(run_config_path.read_text())
-    records = read_metrics(run_dir / METRICS_FILE)
+        raise ValueError(f"{run_dir.model}: holds no VAR transformer (a tokenizer run?)")
+    run_config = json.loads(run_dir.run_config_path().read_text())
+    records = read_metrics(run_dir)
     if not records:
-        raise ValueError(f"{run_dir / METRICS_FILE}: no records")
+        raise ValueError(f"{run_dir}: no metric records")
     var_cfg = VARConfig.from_dict(model_config["var"])
     params, params_total = non_embedding_params(model_config["var"])
     steps = max(int(r.get("step", 0)) for r in records)
@@ -191,11 +175,11 @@ def collect_run(run_dir) -> dict:
             "source": source}
 
 
-def find_runs(sweep_dir) -> list:
-    """Workdirs under `sweep_dir` (itself included) with an exported model, by name."""
+def find_runs(sweep_dir) -> list[Workdir]:
+    """Workdirs under `sweep_dir` (itself included) with an exported model and metrics, by name."""
     sweep_dir = user_path(sweep_dir)
-    candidates = [sweep_dir] + sorted(p for p in sweep_dir.iterdir() if p.is_dir())
-    return [p for p in candidates if (p / MODEL_DIR / "config.json").exists() and (p / METRICS_FILE).exists()]
+    candidates = [Workdir(p) for p in [sweep_dir] + sorted(p for p in sweep_dir.iterdir() if p.is_dir())]
+    return [run for run in candidates if run.finished() and run.has_metrics()]
 
 
 def analyse(points: list[dict]) -> dict:

@@ -4,6 +4,9 @@
   deflated), one batch of rows at a time.
 * a folder of image files (sorted by name; all of one size; converted to RGB).
 * an in-memory uint8 array (`ArrayImages`), e.g. the embedded held-out digits.
+
+Every source yields RGB batches; `stored_channels` says whether the set itself is grey (1) or colour (3), so that
+two sets of different kinds are not compared as if they were alike.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ import numpy as np
 from PIL import Image
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# PIL modes of one colour channel (with or without alpha): a folder of these is a grey image set
+GREY_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
 
 class SourceError(ValueError):
@@ -43,6 +48,10 @@ class ArrayImages:
     @property
     def image_shape(self):
         return tuple(self.images.shape[1:3]) + (3,)
+
+    @property
+    def stored_channels(self) -> int:
+        return int(self.images.shape[-1])
 
     def batches(self, batch_size: int):
         for start in range(0, len(self.images), batch_size):
@@ -84,6 +93,10 @@ class NpzImages:
     def image_shape(self):
         return tuple(self._shape[1:3]) + (3,)
 
+    @property
+    def stored_channels(self) -> int:
+        return int(self._shape[-1])
+
     def batches(self, batch_size: int):
         if self._fortran:   # column-major rows cannot be streamed: read the array whole
             with self.path.open("rb") as raw, np.load(raw, allow_pickle=False) as data:
@@ -114,6 +127,8 @@ class FolderImages:
         if not self.files:
             raise SourceError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)})")
         self._shape = self._load(self.files[0]).shape
+        with self.files[0].open("rb") as f, Image.open(f) as image:   # the first one was just read
+            self.stored_channels = 1 if image.mode in GREY_MODES else 3
 
     def _load(self, file) -> np.ndarray:
         try:

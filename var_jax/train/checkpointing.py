@@ -1,9 +1,12 @@
 """Training checkpoints: an orbax CheckpointManager over WORKDIR/checkpoints.
 
 Each checkpoint holds the train state (model, optimizer, step, RNG, fault counters; restored straight onto the
-shardings of the current abstract state, so a different mesh is the same code path) and the data iterator's
-position (grain). Saves are asynchronous; `keep` checkpoints are kept. A save refuses a state with a non-finite
-parameter (the train step never produces one; this is the last line of defence).
+shardings of the current abstract state, so a different mesh is the same code path). The data position is not
+saved: it is the step (one global batch per step, data/pipeline.py), so a run resumes on any number of hosts or
+grain workers. Older checkpoints also hold a `data` item (grain's per-process `process_{i}-of-{N}.json`); only
+their `state` is read, so they resume on any process count too. Saves are asynchronous; `keep` checkpoints are
+kept. A save refuses a state with a non-finite parameter (the train step never produces one; this is the last line
+of defence).
 
 Resume guard: WORKDIR/checkpoints/run_config.json records the model configuration and the run configuration that
 shapes the result (everything but RUN_SETTINGS: step counts, intervals, mesh, dtypes...). Resuming with a config
@@ -34,23 +37,23 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
-from var_jax.data.pipeline import checkpoint_restore_args, checkpoint_save_args
-from var_jax.paths import atomic_write_text, user_path
+from var_jax.paths import atomic_write_text
 from var_jax.train.stage import NonFiniteError, TrainingError
 from var_jax.train.state import tree_all_finite
+from var_jax.train.workdir import BEST_MODEL_DIR, BEST_MODEL_FILE, Workdir  # noqa: F401 (names used by callers)
 
 MODEL_CONFIG_FILE = "model_config.json"       # the model config alone (older workdirs have only this)
 RUN_CONFIG_FILE = "run_config.json"           # {"model": ..., "run": ...}
-UNREADABLE_DIR = "checkpoints_unreadable"
-BEST_MODEL_DIR = "best_model"                 # a model directory (var_jax.checkpoints), like WORKDIR/model
-BEST_MODEL_FILE = "best_model.json"           # {"step", "metric", "value", "metrics"} of WORKDIR/best_model
 
 # Config fields that may change between a run and its resumption: they do not change what is computed (or, for
 # total_steps, the user extends a run on purpose). Dotted names for nested fields.
 RUN_SETTINGS = ("total_steps", "log_every", "checkpoint_every", "sample_every", "keep_checkpoints",
-                "num_sample_images", "max_nonfinite_steps", "peak_flops", "mesh", "compute_dtype",
+                "num_sample_images", "max_nonfinite_steps", "peak_flops", "mesh", "mesh_dcn", "sharding_rules",
+                "profile_steps", "compile_cache_dir",
+                "compute_dtype",
                 "model.remat", "model.attention_impl", "data.worker_count", "tokenizer_checkpoint",
-                "eval_every", "eval_batch_size", "eval_class_dropout", "data.eval_split")
+                "eval_every", "eval_batch_size", "eval_class_dropout", "data.eval_split",
+                "grad_accum_steps")
 
 
 class CheckpointMismatch(ValueError):
@@ -96,13 +99,13 @@ def _all_finite(params):
 
 class TrainCheckpointer:
     def __init__(self, workdir, *, keep: int, model_config: dict, run_config: dict | None = None):
-        self.workdir = user_path(workdir)
-        self.directory = self.workdir / "checkpoints"
+        self.workdir = Workdir.at(workdir)
+        self.directory = self.workdir.checkpoints
         self.model_config = json.loads(json.dumps(model_config))   # normalised: tuples -> lists
         self.run_config = json.loads(json.dumps(run_config)) if run_config is not None else None
         options = ocp.CheckpointManagerOptions(max_to_keep=max(int(keep), 1), create=True,
                                                enable_async_checkpointing=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state",))
 
     # ---- the resume guard ------------------------------------------------------------------------------------
     def check_model_config(self):
@@ -136,21 +139,18 @@ class TrainCheckpointer:
                 atomic_write_text(run_path, json.dumps(current, indent=2, sort_keys=True) + "\n")
 
     # ---- save / restore --------------------------------------------------------------------------------------
-    def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
+    def save(self, step: int, state, *, force: bool = False) -> bool:
         """Asynchronous save; returns whether a checkpoint was started (orbax skips existing steps)."""
         if step in self.manager.all_steps():
             return False
         check_finite(state, f"checkpoint at step {step}")
-        args = ocp.args.Composite(state=ocp.args.StandardSave(state), data=checkpoint_save_args(data_iterator))
-        return self.manager.save(step, args=args, force=force)
+        return self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=force)
 
-    def restore(self, step: int, abstract_state, data_iterator) -> Any:
-        """The train state at `step`, placed as `abstract_state` says; the data iterator is repositioned.
-
-        Checkpoints from before the fault counters existed restore with zero counters."""
+    def restore(self, step: int, abstract_state) -> Any:
+        """The train state at `step`, placed as `abstract_state` says (an older checkpoint's `data` item is left
+        unread). Checkpoints from before the fault counters existed restore with zero counters."""
         def composite(target):
-            return ocp.args.Composite(state=ocp.args.StandardRestore(target),
-                                      data=checkpoint_restore_args(data_iterator))
+            return ocp.args.Composite(state=ocp.args.StandardRestore(target))
         try:
             return self.manager.restore(step, args=composite(abstract_state))["state"]
         except ValueError as error:
@@ -162,13 +162,13 @@ class TrainCheckpointer:
                                 abstract_state.counters)
         return abstract_state.replace(**restored, counters=counters)
 
-    def restore_latest(self, abstract_state, data_iterator, log=print) -> tuple[int | None, Any]:
+    def restore_latest(self, abstract_state, log=print) -> tuple[int | None, Any]:
         """(step, state) of the newest readable checkpoint, or (None, None) when there is none. Unreadable ones
         are reported (one line each) and moved aside; when none is readable, UnreadableCheckpoints."""
         skipped = {}
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                state = self.restore(step, abstract_state, data_iterator)
+                state = self.restore(step, abstract_state)
             except Exception as error:  # noqa: BLE001 - any failure to read means "try the previous one"
                 skipped[step] = _one_line(error)
                 log(f"[train] skipping unreadable checkpoint at step {step}: {skipped[step]}")
@@ -178,7 +178,8 @@ class TrainCheckpointer:
             for bad in skipped:
                 self._move_aside(bad)
             if skipped:
-                log(f"[train] moved the unreadable checkpoint(s) {sorted(skipped)} to {self.workdir / UNREADABLE_DIR}")
+                log(f"[train] moved the unreadable checkpoint(s) {sorted(skipped)} to "
+                    f"{self.workdir.checkpoints_unreadable}")
             return step, state
         if skipped:
             raise UnreadableCheckpoints(f"no readable checkpoint in {self.directory}: "
@@ -189,7 +190,7 @@ class TrainCheckpointer:
     def _move_aside(self, step: int):
         """Out of the manager's directory, so a new save of that step is not skipped and orbax no longer lists it."""
         if jax.process_index() == 0:
-            target = self.workdir / UNREADABLE_DIR
+            target = self.workdir.checkpoints_unreadable
             target.mkdir(parents=True, exist_ok=True)
             destination, n = target / f"{step}", 1
             while destination.exists():
@@ -218,7 +219,8 @@ class BestModel:
     module docstring). `export(state, directory)` is the stage's model export."""
 
     def __init__(self, workdir, metric: str, export):
-        self.directory, self.record = user_path(workdir) / BEST_MODEL_DIR, user_path(workdir) / BEST_MODEL_FILE
+        workdir = Workdir.at(workdir)
+        self.directory, self.record = workdir.best_model, workdir.best_model_record
         self.metric, self.export = metric, export
         self.best = json.loads(self.record.read_text())["value"] if self.record.exists() else None
 

@@ -45,7 +45,8 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
         warmup_fraction=0.02,    # the reference warms up for ep/50 epochs
         wp0=0.005,               # warmup starts at wp0 · lr
         wpe=0.1,                 # lin0 ends at wpe · lr (0.01 for d24+)
-        schedule="lin0",         # 'lin0' | 'constant'
+        schedule="auto",         # 'auto' (lin<progressive.fraction> with progressive training, else lin0) |
+                                 # 'lin0' | 'lin<T>' (0 <= T <= 1) | 'constant'; see var_jax/train/optimizer.py
         wd=0.05, wd_end=0.05,    # weight decay: cosine from wd to wd_end (twde)
         grad_clip=2.0,           # global norm; <= 0 disables
     ))
@@ -83,6 +84,8 @@ def base_config(stage: str = "var") -> ml_collections.ConfigDict:
         seed=0,
         total_steps=1000,
         batch_size=64,               # global batch, over every host and device
+        grad_accum_steps=1,          # micro-batches per update, in one jitted step (train/grad_accum.py); the lr
+                                     # is the global batch's; batch_size must divide by it × data-parallel devices
         log_every=10,
         checkpoint_every=500,
         keep_checkpoints=3,
@@ -93,14 +96,24 @@ def base_config(stage: str = "var") -> ml_collections.ConfigDict:
         max_nonfinite_steps=20,      # stop after this many steps in a row with a non-finite loss or gradient
         num_sample_images=16,
         mesh=(-1, 1, 1),             # (data, fsdp, tensor); one size may be -1
+        mesh_dcn=(1, 1, 1),          # (data, fsdp, tensor) across TPU slices (var_jax/mesh.py); `mesh` is then per
+                                     # slice; only data may exceed 1; one size may be -1 (= the slice count)
+        sharding_rules=(),           # (logical axis, mesh axes) pairs over sharding.LOGICAL_AXIS_RULES, e.g.
+                                     # (('embed', ('fsdp', 'tensor')), ('mlp', None)); None = replicated
         compute_dtype="auto",        # 'auto' (bfloat16 on GPU/TPU, float32 on CPU) | 'float32' | 'bfloat16'
         peak_flops=0.0,              # per-device peak FLOP/s for MFU in the logs (0 = unknown)
+        profile_steps="",            # 'START:END': a jax.profiler trace of steps START..END-1 in WORKDIR/profiles
+                                     # ('' = off; train/diagnosis.py)
+        compile_cache_dir="",        # JAX's persistent compilation cache: '' = WORKDIR/compile_cache (or the one
+                                     # JAX_COMPILATION_CACHE_DIR names), a directory, or 'none' = off
         tokenizer_checkpoint="",     # var stage: a model dir, or a tokenizer training workdir (uses WORKDIR/model)
         patch_nums=PATCH_NUMS_256,
         data=data_config(),
         optim=optim_config(),
         loss=ml_collections.ConfigDict(dict(label_smoothing=0.0, scale_weights=())),
-        progressive=ml_collections.ConfigDict(dict(fraction=0.0, start_scale=4, ramp_steps=1)),
+        # VAR progressive training (train/var/progressive.py): the reference's pg, pg0 and pgwp in steps;
+        # ramp_steps -1 = derived, the reference's pgwp default (ep/300 epochs = total_steps/300 steps)
+        progressive=ml_collections.ConfigDict(dict(fraction=0.0, start_scale=4, ramp_steps=-1.0)),
     ))
 
 

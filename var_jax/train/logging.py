@@ -1,43 +1,27 @@
-"""Where training metrics go: WORKDIR/metrics.jsonl (one JSON object per logged step), TensorBoard event files
-(WORKDIR/tensorboard, tensorboardX) and a tqdm progress bar with ETA. Only process 0 writes.
+"""What a run logs: one record of scalars per logged step (metrics.jsonl locally, metrics/ windows on a bucket),
+the same scalars and sample grids as TensorBoard events, and a tqdm progress bar with ETA. Only process 0 writes;
+where and how the records are stored is the workdir's business (train/workdir.py: RunLog, read_metrics).
 
 Held-out metrics (`val/...`, train/held_out.py) go into the record of the step they were computed at (the
 trainer logs every evaluated step), under TensorBoard tags of the same name (training scalars are `train/KEY`),
 and the progress bar keeps showing the latest `val/loss` (VAR) or `val/rec_loss` (tokenizer).
 
-On resume, metrics.jsonl is cut back to the steps at or before the restored checkpoint, so a run killed and
-restarted leaves the same file as an uninterrupted one.
+On resume, the records after the restored checkpoint are removed before anything is written, so a run killed and
+restarted leaves the same records as an uninterrupted one.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 
 import jax
 from tqdm import tqdm
 
-from var_jax.paths import atomic_write_text, user_path
+from var_jax.train.workdir import Workdir
 
-METRICS_FILE = "metrics.jsonl"
 # Shown on the progress bar when present; the held-out ones stay shown until the next evaluation.
 BAR_KEYS = ("loss", "Accm", "lr", "images_per_s")
 BAR_HELD_OUT_KEYS = ("val/loss", "val/rec_loss")
-
-
-def truncate_metrics(path, last_step: int):
-    """Keep only the lines whose step is <= last_step (and drop a torn last line)."""
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if int(record.get("step", -1)) <= last_step:
-            kept.append(line)
-    atomic_write_text(path, "".join(line + "\n" for line in kept))
 
 
 def _plain(value):
@@ -55,16 +39,11 @@ class MetricLogger:
         self.flops_per_example = flops_per_example
         self.peak_flops = peak_flops
         self._last_time, self._last_step = time.perf_counter(), start_step
-        self._file = self._tb = self._bar = None
+        self._log = self._bar = None
         self._held_out_shown = {}
         if not self.enabled:
             return
-        workdir = user_path(workdir)
-        workdir.mkdir(parents=True, exist_ok=True)
-        truncate_metrics(workdir / METRICS_FILE, start_step)
-        self._file = (workdir / METRICS_FILE).open("a")
-        from tensorboardX import SummaryWriter
-        self._tb = SummaryWriter(str(workdir / "tensorboard"))
+        self._log = Workdir.at(workdir).open_log(start_step)
         if progress:
             self._bar = tqdm(total=total_steps, initial=start_step, unit="step", dynamic_ncols=True)
 
@@ -77,10 +56,11 @@ class MetricLogger:
         is not counted as step time."""
         self._last_time = time.perf_counter()
 
-    def throughput(self, step: int) -> dict:
-        """Images/s (and tokens/s, FLOP/s, MFU when known) since the previous call."""
+    def throughput(self, step: int, seconds: float | None = None) -> dict:
+        """Images/s (and tokens/s, FLOP/s, MFU when known) since the previous call, over `seconds` of step time
+        when the caller measured it (train/diagnosis.StepClock), else over the time since the previous call."""
         now = time.perf_counter()
-        elapsed, steps = now - self._last_time, step - self._last_step
+        elapsed, steps = now - self._last_time if seconds is None else seconds, step - self._last_step
         self._last_time, self._last_step = now, step
         if steps <= 0 or elapsed <= 0:
             return {}
@@ -99,12 +79,10 @@ class MetricLogger:
         metrics = {k: _plain(v) for k, v in jax.device_get(metrics).items()}
         if not self.enabled:
             return metrics
-        record = {"step": int(step), **metrics}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        self._log.write({"step": int(step), **metrics})
         for key, value in metrics.items():
             if isinstance(value, float):
-                self._tb.add_scalar(key if key.startswith("val/") else f"train/{key}", value, step)
+                self._log.add_scalar(key if key.startswith("val/") else f"train/{key}", value, step)
         if self._bar is not None:
             self._held_out_shown.update({k: metrics[k] for k in BAR_HELD_OUT_KEYS if k in metrics})
             shown = {**{k: metrics[k] for k in BAR_KEYS if k in metrics}, **self._held_out_shown}
@@ -113,12 +91,18 @@ class MetricLogger:
 
     def add_image(self, tag: str, image_hwc, step: int):
         if self.enabled:
-            self._tb.add_image(tag, image_hwc, step, dataformats="HWC")
+            self._log.add_image(tag, image_hwc, step)
+
+    def end_window(self):
+        """Before a checkpoint: the records logged so far are stored once this returns (train/workdir.py)."""
+        if self.enabled:
+            self._log.end_window(wait=True)
 
     def close(self):
         if not self.enabled:
             return
-        self._file.close()
-        self._tb.close()
-        if self._bar is not None:
-            self._bar.close()
+        try:
+            self._log.close()
+        finally:
+            if self._bar is not None:
+                self._bar.close()

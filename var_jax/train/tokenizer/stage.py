@@ -25,6 +25,7 @@ from var_jax.sharding import replicated, state_shardings
 from var_jax.tokenizer.config import TokenizerConfig
 from var_jax.tokenizer.vqvae import image_to_tokens, tokens_to_image
 from var_jax.train import optimizer
+from var_jax.train.grad_accum import grad_accum_steps
 from var_jax.train.held_out import eval_settings, make_evaluator
 from var_jax.train.stage import ConfigError, Stage, check_batch_divides, load_tokenizer_for
 from var_jax.train.state import jit_train_step, param_count
@@ -33,7 +34,7 @@ from var_jax.train.tokenizer.evaluate import make_tokenizer_eval_step, tokenizer
 from var_jax.train.tokenizer.lpips import load_lpips
 from var_jax.train.tokenizer.state import (DiscriminatorConfig, TokenizerTrainModules, init_tokenizer_state,
                                               make_tokenizer_optimizer, tokenizer_state_layout, warm_start)
-from var_jax.train.tokenizer.step import TokenizerLossConfig, make_tokenizer_train_step
+from var_jax.train.tokenizer.step import TokenizerLossConfig, check_grad_accum, make_tokenizer_train_step
 
 
 def _section(config, name: str, cls):
@@ -82,8 +83,10 @@ def build_tokenizer_stage(config, mesh, dataset_classes: int) -> Stage:
     if tok_cfg.dropout > 0:
         raise ConfigError("tokenizer.dropout: the tokenizer trainer does not support dropout (set it to 0)")
     loss_cfg = _section(config, "loss", TokenizerLossConfig)
+    accum = grad_accum_steps(config, mesh)
     try:
         loss_cfg.validate()
+        check_grad_accum(loss_cfg, accum)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     disc_cfg = None
@@ -104,7 +107,8 @@ def build_tokenizer_stage(config, mesh, dataset_classes: int) -> Stage:
     tx = make_tokenizer_optimizer(parts, config.optim, config.disc_optim, batch_size=batch_size,
                                   total_steps=total_steps)
     layout = tokenizer_state_layout(parts, tx, mesh, tok_cfg)
-    step = jit_train_step(make_tokenizer_train_step(parts.merge, tx, tok_cfg, loss_cfg, merge_lpips), layout, mesh,
+    step = jit_train_step(make_tokenizer_train_step(parts.merge, tx, tok_cfg, loss_cfg, merge_lpips, accum),
+                          layout, mesh,
                           {"image": jax.ShapeDtypeStruct((batch_size, image_size, image_size, 3), np.uint8),
                            "skipped_images": jax.ShapeDtypeStruct((batch_size,), np.int32)},
                           lpips_shardings)
@@ -132,6 +136,8 @@ def build_tokenizer_stage(config, mesh, dataset_classes: int) -> Stage:
               if loss_cfg.use_gan else "no GAN", f"LPIPS {loss_cfg.lpips_weight}" if loss_cfg.use_lpips else "no LPIPS"]
     if pretrained is not None:
         extras.append(f"warm start from {config.tokenizer_checkpoint}")
+    if accum > 1:
+        extras.append(f"{accum} micro-batches of {batch_size // accum} per step")
     return Stage(
         name="tokenizer", layout=layout, init=init, step_fn=lambda _: step,
         make_batch=make_batch, frozen=lpips_params, export=export, sample=sample, evaluate=evaluate,

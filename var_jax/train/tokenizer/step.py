@@ -12,6 +12,13 @@ Both updates go through one `optax.multi_transform` holding the two optimizers (
 
 The batch is {'image': (B, H, W, 3) uint8 (or float in [-1, 1]), ...}; `frozen` is the LPIPS network's params
 (or None). Everything runs in float32.
+
+Gradient accumulation (`grad_accum_steps` k > 1, train/grad_accum.py): both updates' gradients, the losses and
+metrics (all means over images) are averaged over k micro-batches, the code hit counts summed, and the encoder
+features that a dead-code restart draws from are put back together in the batch's order, so the step equals
+the k = 1 step up to float32 rounding (it draws no per-image random numbers). The adaptive GAN weight is the
+exception, refused with k > 1: a ratio of whole-batch gradient norms, which a mean of micro-batch terms cannot
+give.
 """
 from __future__ import annotations
 
@@ -26,6 +33,7 @@ from var_jax.data.transforms import to_model_range_on_device
 from var_jax.tokenizer import quantizer
 from var_jax.tokenizer.config import TokenizerConfig
 from var_jax.train.tokenizer import losses
+from var_jax.train.grad_accum import FIELD as GRAD_ACCUM_FIELD, accumulate
 from var_jax.train.tokenizer.code_usage import restart_dead_codes
 from var_jax.train.tokenizer.state import TokenizerTrainState, get_path, replace_path
 from var_jax.train.optimizer import current_hyperparams
@@ -73,12 +81,20 @@ class TokenizerLossConfig:
         return self
 
 
+def check_grad_accum(loss_cfg: TokenizerLossConfig, grad_accum_steps: int):
+    """ValueError naming the field when the loss cannot be accumulated over micro-batches exactly."""
+    if grad_accum_steps > 1 and loss_cfg.use_gan and loss_cfg.adaptive_disc_weight:
+        raise ValueError(f"{GRAD_ACCUM_FIELD}: {grad_accum_steps} micro-batches cannot reproduce the adaptive GAN "
+                         "weight (a ratio of whole-batch gradient norms); use 1, or loss.adaptive_disc_weight=False")
+
+
 def make_tokenizer_train_step(merge: Callable[[Any], Any], tx: optax.GradientTransformation,
                               tokenizer_cfg: TokenizerConfig, loss_cfg: TokenizerLossConfig,
-                              merge_lpips: Callable[[Any], Any] | None = None):
+                              merge_lpips: Callable[[Any], Any] | None = None, grad_accum_steps: int = 1):
     """The pure step. `merge(params)` rebuilds the modules (`.generator`, `.discriminator`) from the params dict
     {'generator', 'discriminator'?}; `merge_lpips(frozen)` the LPIPS network (needed when lpips_weight > 0)."""
     loss_cfg.validate()
+    check_grad_accum(loss_cfg, grad_accum_steps)
     if loss_cfg.use_lpips and merge_lpips is None:
         raise ValueError("tokenizer loss config: lpips_weight > 0 needs LPIPS weights (lpips.vgg_path / lin_path)")
     cfg, lc = tokenizer_cfg, loss_cfg
@@ -87,77 +103,87 @@ def make_tokenizer_train_step(merge: Callable[[Any], Any], tx: optax.GradientTra
         if lc.use_gan != ("discriminator" in state.params):
             raise ValueError("tokenizer train step: the params must hold a discriminator exactly when "
                              f"disc_weight > 0 (disc_weight={lc.disc_weight}, params: {sorted(state.params)})")
-        images = to_model_range_on_device(batch["image"])
         restart_key = jax.random.fold_in(state.rng, state.step)
         factor = losses.disc_factor(state.step, lc.disc_start) if lc.use_gan else jnp.float32(0.0)
 
-        def nll_of(rec):
-            recon = losses.reconstruction_loss(images, rec, lc.recon_kind)
-            lpips = jnp.mean(merge_lpips(frozen)(images, rec)) if lc.use_lpips else jnp.float32(0.0)
-            return lc.recon_weight * recon + lc.lpips_weight * lpips, (recon, lpips)
+        def micro_step(micro, _):
+            """Gradients and metrics of one micro-batch (the whole batch when k = 1): (means, sums, per image)."""
+            images = to_model_range_on_device(micro["image"])
 
-        def generator_loss(gen_params):
-            params = {**state.params, "generator": gen_params}
-            modules = merge(params)
-            f = modules.generator.encode(images)
-            f_hat, vq, _, hits = quantizer.quantize_for_training(modules.generator.quantizer_params(), f, cfg)
+            def nll_of(rec):
+                recon = losses.reconstruction_loss(images, rec, lc.recon_kind)
+                lpips = jnp.mean(merge_lpips(frozen)(images, rec)) if lc.use_lpips else jnp.float32(0.0)
+                return lc.recon_weight * recon + lc.lpips_weight * lpips, (recon, lpips)
 
-            def decode(last_kernel):   # the decoder as a function of its last layer, for the adaptive weight
-                generator = merge(replace_path(params, LAST_LAYER_PATH, last_kernel)).generator
-                return generator.decoder(generator.post_quant_conv(f_hat))   # unclamped: clamping kills gradients
+            def generator_loss(gen_params):
+                params = {**state.params, "generator": gen_params}
+                modules = merge(params)
+                f = modules.generator.encode(images)
+                f_hat, vq, _, hits = quantizer.quantize_for_training(modules.generator.quantizer_params(), f, cfg)
 
-            aux = {"vq": vq, "hits": hits, "f": f}
-            if not lc.use_gan:
-                rec = decode(get_path(params, LAST_LAYER_PATH))
-                nll, (aux["recon"], aux["lpips"]) = nll_of(rec)
-                return nll + lc.vq_weight * vq, (rec, aux)
-            # One forward: the vjp of the last layer gives both gradients the adaptive weight compares.
-            rec, last_vjp = jax.vjp(decode, get_path(params, LAST_LAYER_PATH))
-            nll, nll_vjp, (aux["recon"], aux["lpips"]) = jax.vjp(nll_of, rec, has_aux=True)
-            g_loss, g_vjp = jax.vjp(
-                lambda r: losses.generator_adversarial_loss(modules.discriminator(r), lc.gan_kind), rec)
-            if lc.adaptive_disc_weight:
-                (nll_grad,) = last_vjp(*nll_vjp(jnp.ones_like(nll)))
-                (g_grad,) = last_vjp(*g_vjp(jnp.ones_like(g_loss)))
-                weight = losses.adaptive_gan_weight(nll_grad, g_grad, lc.disc_weight)
-            else:
-                weight = jnp.float32(lc.disc_weight)
-            aux.update(g_loss=g_loss, disc_weight=weight)
-            return nll + lc.vq_weight * vq + factor * weight * g_loss, (rec, aux)
+                def decode(last_kernel):   # the decoder as a function of its last layer, for the adaptive weight
+                    generator = merge(replace_path(params, LAST_LAYER_PATH, last_kernel)).generator
+                    return generator.decoder(generator.post_quant_conv(f_hat))   # unclamped: clamping kills gradients
 
-        (loss, (rec, aux)), gen_grads = jax.value_and_grad(generator_loss, has_aux=True)(state.params["generator"])
-        grads = {"generator": gen_grads}
-        metrics = {"loss": loss, "recon": aux["recon"], "vq": aux["vq"], "lpips": aux["lpips"],
-                   "grad_norm": optax.tree.norm(gen_grads),
-                   "psnr": losses.psnr(images, jnp.clip(rec, -1.0, 1.0))}
+                aux = {"vq": vq, "hits": hits, "f": f}
+                if not lc.use_gan:
+                    rec = decode(get_path(params, LAST_LAYER_PATH))
+                    nll, (aux["recon"], aux["lpips"]) = nll_of(rec)
+                    return nll + lc.vq_weight * vq, (rec, aux)
+                # One forward: the vjp of the last layer gives both gradients the adaptive weight compares.
+                rec, last_vjp = jax.vjp(decode, get_path(params, LAST_LAYER_PATH))
+                nll, nll_vjp, (aux["recon"], aux["lpips"]) = jax.vjp(nll_of, rec, has_aux=True)
+                g_loss, g_vjp = jax.vjp(
+                    lambda r: losses.generator_adversarial_loss(modules.discriminator(r), lc.gan_kind), rec)
+                if lc.adaptive_disc_weight:
+                    (nll_grad,) = last_vjp(*nll_vjp(jnp.ones_like(nll)))
+                    (g_grad,) = last_vjp(*g_vjp(jnp.ones_like(g_loss)))
+                    weight = losses.adaptive_gan_weight(nll_grad, g_grad, lc.disc_weight)
+                else:
+                    weight = jnp.float32(lc.disc_weight)
+                aux.update(g_loss=g_loss, disc_weight=weight)
+                return nll + lc.vq_weight * vq + factor * weight * g_loss, (rec, aux)
 
+            (loss, (rec, aux)), gen_grads = jax.value_and_grad(generator_loss, has_aux=True)(
+                state.params["generator"])
+            means = {"grads": {"generator": gen_grads}, "loss": loss, "recon": aux["recon"], "vq": aux["vq"],
+                     "lpips": aux["lpips"], "psnr": losses.psnr(images, jnp.clip(rec, -1.0, 1.0))}
+
+            if lc.use_gan:
+                fake = jax.lax.stop_gradient(rec)
+
+                def discriminator_loss(disc_params):
+                    discriminator = merge({**state.params, "discriminator": disc_params}).discriminator
+                    logits_real, logits_fake = discriminator(images), discriminator(fake)
+                    d_loss = losses.discriminator_loss(logits_real, logits_fake, lc.gan_kind)
+                    return factor * d_loss, (d_loss, jnp.mean(logits_real), jnp.mean(logits_fake))
+
+                (_, (d_loss, real_mean, fake_mean)), disc_grads = jax.value_and_grad(
+                    discriminator_loss, has_aux=True)(state.params["discriminator"])
+                means["grads"]["discriminator"] = disc_grads
+                means.update(g_loss=aux["g_loss"], d_loss=d_loss, disc_weight=aux["disc_weight"],
+                             logits_real=real_mean, logits_fake=fake_mean)
+            features = jax.lax.stop_gradient(aux["f"]) if lc.restart_every else None
+            return means, {"hits": aux["hits"]}, features
+
+        means, sums, features = accumulate(micro_step, {"image": batch["image"]}, grad_accum_steps)
+        grads = means.pop("grads")
+        metrics = {**means, "grad_norm": optax.tree.norm(grads["generator"])}
         if lc.use_gan:
-            fake = jax.lax.stop_gradient(rec)
-
-            def discriminator_loss(disc_params):
-                discriminator = merge({**state.params, "discriminator": disc_params}).discriminator
-                logits_real, logits_fake = discriminator(images), discriminator(fake)
-                d_loss = losses.discriminator_loss(logits_real, logits_fake, lc.gan_kind)
-                return factor * d_loss, (d_loss, jnp.mean(logits_real), jnp.mean(logits_fake))
-
-            (_, (d_loss, real_mean, fake_mean)), disc_grads = jax.value_and_grad(
-                discriminator_loss, has_aux=True)(state.params["discriminator"])
-            grads["discriminator"] = disc_grads
-            metrics.update(g_loss=aux["g_loss"], d_loss=d_loss, disc_weight=aux["disc_weight"], disc_factor=factor,
-                           logits_real=real_mean, logits_fake=fake_mean, d_grad_norm=optax.tree.norm(disc_grads))
+            metrics.update(disc_factor=factor, d_grad_norm=optax.tree.norm(grads["discriminator"]))
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
 
         # The reference's per-scale code usage: hit-count EMA and % of codes above its margin.
-        ema = quantizer.update_usage_ema(state.usage_ema, aux["hits"], state.usage_updates)
+        ema = quantizer.update_usage_ema(state.usage_ema, sums["hits"], state.usage_updates)
         if lc.restart_every:
             due = (state.step + 1) % lc.restart_every == 0
             codebook = get_path(params, CODEBOOK_PATH)
-            new_codebook, dead = restart_dead_codes(
-                codebook, ema, jax.lax.stop_gradient(aux["f"]), restart_key, lc.restart_threshold)
+            new_codebook, dead = restart_dead_codes(codebook, ema, features, restart_key, lc.restart_threshold)
             params = replace_path(params, CODEBOOK_PATH, jnp.where(due, new_codebook, codebook))
             metrics["codes_restarted"] = jnp.where(due, jnp.sum(dead), 0)
+        images = to_model_range_on_device(batch["image"])
         positions = images.shape[0] * cfg.latent_size * cfg.latent_size
         usage = quantizer.code_usage_percent(ema, positions)
         metrics["code_usage"] = jnp.mean(usage)
@@ -167,7 +193,8 @@ def make_tokenizer_train_step(merge: Callable[[Any], Any], tx: optax.GradientTra
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, usage_ema=ema,
                                   usage_updates=state.usage_updates + 1)
         # A non-finite loss or gradient (generator or discriminator) drops the whole update, usage EMA included.
-        new_state, counters = finish_step(state, new_state, loss, optax.tree.norm(grads), {**batch, "image": images})
+        new_state, counters = finish_step(state, new_state, metrics["loss"], optax.tree.norm(grads),
+                                          {**batch, "image": images})
         return new_state, {**metrics, **counters}
 
     return train_step

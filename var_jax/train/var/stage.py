@@ -13,6 +13,7 @@ from var_jax.data.pipeline import global_batch_from_host
 from var_jax.sample.sampler import SampleOptions, make_sample_fn
 from var_jax.sharding import replicated, state_shardings
 from var_jax.train import optimizer
+from var_jax.train.grad_accum import grad_accum_steps
 from var_jax.train.held_out import eval_settings, make_evaluator
 from var_jax.train.stage import ConfigError, Stage, check_batch_divides, load_tokenizer_for
 from var_jax.train.state import abstract_train_state, init_train_state, jit_train_step
@@ -62,26 +63,28 @@ def var_config_from(config, tok_cfg, dataset_classes: int):
 
 def build_var_stage(config, mesh, dataset_classes: int) -> Stage:
     check_batch_divides(int(config.batch_size), mesh)
+    accum = grad_accum_steps(config, mesh)
     eval_cfg = eval_settings(config, mesh)
     tok_cfg, tokenizer = load_tokenizer_for(config, mesh)
     var_cfg = var_config_from(config, tok_cfg, dataset_classes)
     step_cfg = VarStepConfig(patch_nums=var_cfg.patch_nums, label_smoothing=float(config.loss.label_smoothing),
-                             scale_weights=tuple(config.loss.scale_weights) or None)
+                             scale_weights=tuple(config.loss.scale_weights) or None, grad_accum_steps=accum)
     try:
         token_weights(var_cfg.patch_nums, step_cfg.scale_weights)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    total_steps, pg = int(config.total_steps), float(config.progressive.fraction)
     try:
-        sched = progressive_from_config(config.progressive, var_cfg.num_scales, int(config.total_steps),
-                                        optimizer.warmup_steps(config.optim, int(config.total_steps)))
-        optimizer.learning_rate_schedule(config.optim, int(config.batch_size), int(config.total_steps))
+        sched = progressive_from_config(config.progressive, var_cfg.num_scales, total_steps,
+                                        optimizer.warmup_length(config.optim, total_steps))
+        optimizer.learning_rate_schedule(config.optim, int(config.batch_size), total_steps, pg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
     model_fn = lambda rngs: VAR(var_cfg, rngs=rngs)
     parts = model_parts(model_fn)
-    tx = optimizer.make_optimizer(config.optim, batch_size=int(config.batch_size),
-                                  total_steps=int(config.total_steps), mask=optimizer.decay_mask(parts.param_vars))
+    tx = optimizer.make_optimizer(config.optim, batch_size=int(config.batch_size), total_steps=total_steps,
+                                  mask=optimizer.decay_mask(parts.param_vars), progressive_fraction=pg)
     layout = abstract_train_state(parts, tx, mesh)
 
     tok_graphdef, tok_params = nnx.split(tokenizer)
@@ -129,7 +132,10 @@ def build_var_stage(config, mesh, dataset_classes: int) -> Stage:
         sample=sample_fn, best_metric="val/loss",
         evaluate=_make_evaluator(config, eval_cfg, mesh, parts, layout, var_cfg, tokenize, tok_state, tok_shardings),
         describe=f"VAR depth {var_cfg.depth} width {var_cfg.width} ({var_cfg.compute_dtype}), L={var_cfg.seq_len}, "
-                 f"V={var_cfg.vocab_size}")
+                 f"V={var_cfg.vocab_size}; lr schedule {optimizer.schedule_name(config.optim, pg)}"
+                 + (f", progressive from scale {sched.start_scale} to {sched.fraction:g} of the run, ramp "
+                    f"{sched.ramp_steps:g} steps" if sched.enabled else "")
+                 + (f"; {accum} micro-batches of {int(config.batch_size) // accum} per step" if accum > 1 else ""))
 
 
 def _make_evaluator(config, eval_cfg, mesh, parts, layout, var_cfg, tokenize, tok_state, tok_shardings):

@@ -8,6 +8,13 @@ Without it (`tokenize=None`) the batch carries pre-computed {'tokens' (B,L) int,
 
 An optional batch entry 'loss_ramp' (float32 scalar) scales the newest scale's loss weight in progressive
 training (see progressive.py); `prog_si` (static) truncates the sequence to the first prog_si+1 scales.
+
+Gradient accumulation (`grad_accum_steps` k > 1, train/grad_accum.py): the step tokenises, runs forward and
+backward on one micro-batch of B/k examples at a time, averages gradients, loss and metrics over the k, then
+makes one optimizer update. Micro-batch j draws its class dropout and drop-path masks from
+fold_in(step key, j); with no randomness (cond_drop_rate = drop_path_rate = 0) the step equals the k = 1 step on
+the whole batch up to float32 rounding, and in general it equals the mean of the k micro-batch gradients, each
+computed with its own key, followed by one update. k = 1 is the step without accumulation, bit for bit.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ from flax import nnx
 from var_jax.scale_config import scale_begin_ends
 from var_jax.tokenizer import quantizer
 from var_jax.train.var import loss as var_loss
+from var_jax.train.grad_accum import accumulate
 from var_jax.train.optimizer import current_hyperparams
 from var_jax.train.var.progressive import truncated_weights
 from var_jax.checkpoints import ModelParts
@@ -35,6 +43,7 @@ class VarStepConfig:
     label_smoothing: float = 0.0
     scale_weights: tuple[float, ...] | None = None   # None = uniform over tokens (the reference)
     prog_si: int | None = None                       # None = all scales
+    grad_accum_steps: int = 1                        # micro-batches per update (train/grad_accum.py)
 
     @property
     def num_scales(self) -> int:
@@ -78,32 +87,41 @@ def make_var_train_step(parts: ModelParts, tx: optax.GradientTransformation, ste
     last_begin, last_end = slices[num_scales - 1]
 
     def train_step(state: TrainState, batch, frozen):
-        if tokenize is not None:
-            batch = {**batch, "image": to_model_range_on_device(batch["image"])}   # finish_step checks these
-            tokens, teacher = tokenize(frozen, batch["image"])
-        else:
-            tokens, teacher = batch["tokens"], batch["teacher_input"]
-        # the teacher input lacks the start positions (first_l, which depends on the order): cut its tail instead
-        tokens, teacher = tokens[:, :seq_len], teacher[:, :teacher.shape[1] - (full_len - seq_len)]
-        labels = batch["label"]
         ramp = batch.get("loss_ramp", jnp.float32(1.0))
         weights = truncated_weights(full_weights, slices, num_scales - 1, ramp)
+
+        def micro_step(micro, key):
+            """Loss, metrics and gradients of one micro-batch (the whole batch when k = 1)."""
+            if tokenize is not None:
+                tokens, teacher = tokenize(frozen, to_model_range_on_device(micro["image"]))
+            else:
+                tokens, teacher = micro["tokens"], micro["teacher_input"]
+            # the teacher input lacks the start positions (first_l, which depends on the order): cut its tail
+            tokens, teacher = tokens[:, :seq_len], teacher[:, :teacher.shape[1] - (full_len - seq_len)]
+            cond_key, dropout_key = jax.random.split(key)
+
+            def loss_fn(params):
+                model = parts.merge(params)
+                logits = model(micro["label"], teacher, cond_drop_key=cond_key, deterministic=False,
+                               dropout_key=dropout_key, num_scales=num_scales)
+                per_token = var_loss.token_cross_entropy(logits, tokens, step_cfg.label_smoothing)
+                return var_loss.weighted_loss(per_token, weights), logits
+
+            (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            means = {"grads": grads, "loss": loss, **var_loss.var_metrics(logits, tokens, last_end - last_begin)}
+            return means, None, None
+
+        inputs = ("image",) if tokenize is not None else ("tokens", "teacher_input")
         # Per-step randomness from (base key, step): a resumed run draws exactly the same keys.
-        cond_key, dropout_key = jax.random.split(jax.random.fold_in(state.rng, state.step))
-
-        def loss_fn(params):
-            model = parts.merge(params)
-            logits = model(labels, teacher, cond_drop_key=cond_key, deterministic=False,
-                           dropout_key=dropout_key, num_scales=num_scales)
-            per_token = var_loss.token_cross_entropy(logits, tokens, step_cfg.label_smoothing)
-            return var_loss.weighted_loss(per_token, weights), logits
-
-        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        means, _, _ = accumulate(micro_step, {k: batch[k] for k in inputs + ("label",)}, step_cfg.grad_accum_steps,
+                                 jax.random.fold_in(state.rng, state.step))
+        grads, loss = means.pop("grads"), means.pop("loss")
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
-        metrics = var_loss.var_metrics(logits, tokens, last_end - last_begin)
-        metrics.update(loss=loss, grad_norm=grad_norm, **current_hyperparams(opt_state))
+        metrics = {**means, "loss": loss, "grad_norm": grad_norm, **current_hyperparams(opt_state)}
+        if tokenize is not None:
+            batch = {**batch, "image": to_model_range_on_device(batch["image"])}   # finish_step checks these
         # A non-finite loss or gradient changes nothing but the step (see state.finish_step).
         new_state, counters = finish_step(state, state.replace(step=state.step + 1, params=params,
                                                                opt_state=opt_state), loss, grad_norm, batch)
