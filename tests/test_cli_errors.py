@@ -1,6 +1,7 @@
 """Bad input to the commands: one line naming the problem (exit status 2), found before a model is loaded where
-possible, and no output file left behind. Also damaged model directories, the model fingerprint that ties a
-resumed `sample` run to its checkpoint, streaming reconstruction and multi-host sampling."""
+possible, and no output file left behind. Also damaged model directories (and no stray tracebacks from the reads
+a failed restore left in flight), files `convert` cannot read, image sets `eval` must not compare, the model
+fingerprint that ties a resumed `sample` run to its checkpoint, streaming reconstruction and multi-host sampling."""
 import asyncio
 import contextlib
 import json

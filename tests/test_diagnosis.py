@@ -44,6 +44,26 @@ def test_profile_steps_are_parsed_or_refused_naming_the_field():
             diagnosis.parse_profile_steps(bad)
 
 
+def test_compile_cache_setting_picks_the_directory(tmp_path, jax_cache_config):
+    jax.config.update("jax_compilation_cache_dir", None)
+    first, second = tmp_path / "a" / "compile_cache", tmp_path / "b" / "compile_cache"
+    assert diagnosis.configure_compile_cache("", first) == str(first) == jax.config.jax_compilation_cache_dir
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == diagnosis.MIN_COMPILE_TIME_S
+    assert jax.config.jax_persistent_cache_min_entry_size_bytes == diagnosis.MIN_ENTRY_SIZE_BYTES
+    # a second run in the same process moves the cache to its own workdir; an explicit directory wins
+    assert diagnosis.configure_compile_cache("", second) == str(second) == jax.config.jax_compilation_cache_dir
+    mine = tmp_path / "explicit"
+    assert diagnosis.configure_compile_cache(str(mine), second) == str(mine) == jax.config.jax_compilation_cache_dir
+    assert diagnosis.configure_compile_cache("None", second) is None and not jax.config.jax_enable_compilation_cache
+    assert diagnosis.configure_compile_cache("", second) == str(second) and jax.config.jax_enable_compilation_cache
+    # a cache the user configured for JAX (JAX_COMPILATION_CACHE_DIR, jax.config) is kept, with its settings
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "users"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    assert diagnosis.configure_compile_cache("", first) == str(tmp_path / "users")
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
+    assert not first.exists() and not second.exists()       # nothing compiled: no directory made
+
+
 def test_step_clock_splits_time_by_kind_and_continues_the_sums():
     clock = diagnosis.StepClock()
     clock.resume_from([{"step": 4, "time/productive_s": 3.0, "time/wall_s": 10.0},

@@ -81,3 +81,33 @@ def test_a_run_resumes_with_another_remat_and_attention_impl(tmp_path):
     resumed = train(tmp_path / "resumed", tokenizer, 4, "--config.model.remat=block", "--config.model.attention_impl=xla")
     assert sorted(straight) == [1, 2, 3, 4] and {3, 4} <= set(resumed)
     np.testing.assert_allclose([resumed[s] for s in (3, 4)], [straight[s] for s in (3, 4)], rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_recorded_before_the_derived_schedule_defaults_still_resumes(tmp_path):
+    """Workdirs recorded with optim.schedule 'lin0' and progressive.ramp_steps 1 (the defaults before the
+    reference's progressive schedule) resume under today's 'auto' / -1 defaults when progressive training is off;
+    a schedule that computes something else is still refused, naming the field."""
+    from configs.digits_var import get_config
+    from var_jax.train.checkpointing import (RUN_CONFIG_FILE, CheckpointMismatch, TrainCheckpointer,
+                                             run_identity)
+    config = get_config()
+    old = run_identity(config)
+    old["optim"]["schedule"], old["progressive"]["ramp_steps"] = "lin0", 1
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / RUN_CONFIG_FILE).write_text(json.dumps({"model": {}, "run": old}))
+
+    def check(cfg):
+        checkpointer = TrainCheckpointer(tmp_path, keep=1, model_config={}, run_config=run_identity(cfg))
+        try:
+            checkpointer.check_model_config()
+        finally:
+            checkpointer.close()
+    check(config)
+    other = get_config()
+    other.optim.schedule = "constant"
+    with pytest.raises(CheckpointMismatch, match="optim.schedule"):
+        check(other)
+    progressive = get_config()
+    progressive.progressive.fraction = 0.5
+    with pytest.raises(CheckpointMismatch, match="progressive"):
+        check(progressive)

@@ -6,6 +6,6 @@
   folder.py       an image folder with one sub-folder per class; unreadable files skipped and counted
   tfds_source.py  a TFDS dataset prepared on disk as ArrayRecord (how to prepare imagenet2012 is there)
   sources.py      `build_source(config) -> (source, num_classes)`
-  pipeline.py     `make_dataset(...)` on grain (uint8 image batches), iterator checkpoint args,
+  pipeline.py     `make_dataset(...)` on grain (uint8 image batches), `TrainBatches` (started at a step),
                   `global_batch_from_host`
 """

@@ -34,9 +34,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from var_jax.orbax_loops import draining_event_loops
+from var_jax.train.optimizer import schedule_name
 from var_jax.paths import atomic_write_text
 from var_jax.train.stage import NonFiniteError, TrainingError
 from var_jax.train.state import tree_all_finite
@@ -87,6 +90,24 @@ def run_identity(config) -> dict:
     return data
 
 
+def _comparable(record: dict) -> dict:
+    """A recorded {"model", "run"} with the run's derived defaults resolved, so that a run recorded before a
+    default became derived compares equal when it computes the same thing: optim.schedule 'auto' is lin0 without
+    progressive training (lin<pg> with it), and without progressive training its ramp and start scale compute
+    nothing."""
+    record = json.loads(json.dumps(record))
+    run = record.get("run") or {}
+    progressive = run.get("progressive")
+    fraction = float(progressive.get("fraction", 0.0)) if isinstance(progressive, dict) else 0.0
+    optim = run.get("optim")
+    if isinstance(optim, dict) and optim.get("schedule") == "auto":
+        optim["schedule"] = schedule_name(ml_collections.ConfigDict(optim), fraction)
+    if isinstance(progressive, dict) and fraction == 0:
+        progressive.pop("ramp_steps", None)
+        progressive.pop("start_scale", None)
+    return record
+
+
 def _one_line(error: BaseException) -> str:
     text = " ".join(str(error).split())
     return f"{type(error).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
@@ -117,6 +138,8 @@ class TrainCheckpointer:
             stored = json.loads(run_path.read_text())
             if self.run_config is None:      # a caller that knows only the model
                 stored, current = stored["model"], self.model_config
+            else:
+                stored, current = _comparable(stored), _comparable(current)
             diffs = _differences(stored, current)
             what = "a different run configuration"
         elif model_path.exists():            # an older workdir: only the model was recorded
@@ -168,7 +191,8 @@ class TrainCheckpointer:
         skipped = {}
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
-                state = self.restore(step, abstract_state)
+                with draining_event_loops():   # a failed read ends the others before the next is tried
+                    state = self.restore(step, abstract_state)
             except Exception as error:  # noqa: BLE001 - any failure to read means "try the previous one"
                 skipped[step] = _one_line(error)
                 log(f"[train] skipping unreadable checkpoint at step {step}: {skipped[step]}")
