@@ -108,6 +108,7 @@ def _records(workdir):
 def test_tiny_run_traces_caches_compiles_and_keeps_goodput_across_a_resume(tmp_path, tokenizer_dir,
                                                                           jax_cache_config):
     workdir = tmp_path / "run"
+    jax.clear_caches()                   # earlier tests in this process may have compiled the same step in memory
     assert _train(workdir, tokenizer_dir, "--config.profile_steps=2:3", steps=4) == 0
     traces = list((workdir / "profiles" / "process_0").rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
