@@ -27,12 +27,13 @@ def jax_cache_config():
     names = ("jax_compilation_cache_dir", "jax_enable_compilation_cache", "jax_persistent_cache_min_compile_time_secs",
              "jax_persistent_cache_min_entry_size_bytes")
     before = {name: getattr(jax.config, name) for name in names}
+    ours = diagnosis._ours["dir"]        # an earlier run in this process may have pointed the cache at its workdir
     yield
     from jax.experimental.compilation_cache import compilation_cache
     compilation_cache.reset_cache()
     for name, value in before.items():
         jax.config.update(name, value)
-    diagnosis._ours["dir"] = None
+    diagnosis._ours["dir"] = ours
 
 
 def test_profile_steps_are_parsed_or_refused_naming_the_field():
