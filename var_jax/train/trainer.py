@@ -220,7 +220,7 @@ def train(config, workdir) -> dict:
                 save_now = step % int(config.checkpoint_every) == 0 or step == total or stop
                 # a checkpointed step always has its record: a resumed run continues its time sums exactly
                 log_now = step % int(config.log_every) == 0 or step == total or eval_now or save_now
-                nonfinite.check(step, metrics, now=log_now or save_now)   # those steps sync anyway
+                nonfinite.check(step, metrics, now=log_now)   # logged steps (every saved one too) sync anyway
                 if log_now:
                     logged = dict(metrics)
                     if eval_now:   # before the checkpoint: a resumed run never lacks the record of a saved step
