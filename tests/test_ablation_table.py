@@ -15,7 +15,7 @@ def _module():
 def _row(name, order, adaln, params, loss, fid):
     return {"name": name, "description": name, "order": order, "adaln": adaln, "depth": 2, "width": 128,
             "params": params, "params_total": params + 1000, "val_loss": loss, "val_loss_last": loss + 1,
-            "fid": fid, "precision": 0.5, "recall": 0.25, "accuracy": 0.875, "sec_per_image": 0.0123}
+            "fid": fid, "precision": 0.5, "recall": 0.25, "accuracy": 0.875, "s_per_image": 0.0123}
 
 
 def test_make_table_layout_and_comparability():
@@ -31,7 +31,7 @@ def test_make_table_layout_and_comparability():
     assert "(raster tokens: not comparable)" in raster and "not comparable" not in var
     assert "| 1 |" in raster and "| 2 |" in var and real.startswith("| – |")
     assert "| 400.0K | 401.0K |" in var and "3.000" in var and "4.000" in var       # params, loss, last-scale loss
-    assert "| +0.00 |" in raster and "| -2.50 |" in var                  # Δ FID against row 1
+    assert "| +0 |" in raster and "| -2.5 |" in var                      # Δ FID against row 1
     assert "87.5%" in var and "0.0123" in var
     assert all(line.count("|") == lines[0].count("|") for line in lines[:5])
     assert "10 training steps" in text and "†" not in text

@@ -8,7 +8,7 @@ imports never slow another; the options they share are in `common.py`.
 import argparse
 import sys
 
-from var_jax.cli import convert, demo, edit, reconstruct, sample, scaling, train
+from var_jax.cli import convert, demo, edit, reconstruct, sample, scaling, tokenize, train
 from var_jax.cli import eval as eval_command   # not `eval`: that would shadow the builtin here
 from var_jax.cli.common import exit_on_command_error
 
@@ -16,6 +16,7 @@ from var_jax.cli.common import exit_on_command_error
 COMMANDS = {
     "convert": (convert, "convert reference PyTorch checkpoints (VQVAE, VAR) into a var-jax checkpoint directory"),
     "reconstruct": (reconstruct, "tokenize and decode images with a tokenizer checkpoint; prints PSNR"),
+    "tokenize": (tokenize, "encode images once into the per-scale token ids the VAR stage trains from"),
     "train": (train, "train the tokenizer or the VAR transformer from a config file"),
     "sample": (sample, "class-conditional sampling into an ADM-evaluator .npz and a PNG grid"),
     "edit": (edit, "zero-shot in-painting, out-painting and class-conditional editing"),

@@ -14,6 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--sweep", required=True, help="sweep directory: one training workdir per model size")
     parser.add_argument("--out", default=None, help="output directory (default: SWEEP/scaling)")
     parser.add_argument("--no-plots", action="store_true", help="write scaling.json only")
+    parser.add_argument("--require-held-out", action="store_true",
+                        help="refuse a sweep with a run that logged no held-out metrics (source 'train')")
 
 
 def run(args):
@@ -33,6 +35,10 @@ def run(args):
             raise CommandError(f"--sweep: no finished runs under {sweep} (a run counts once it has exported "
                                f"RUN/{scaling.MODEL_DIR}/config.json and has logged metrics)")
         report = scaling.scaling_report(sweep)
+        without = [p["run"] for p in report["points"] if p["source"] != "val"]
+        if args.require_held_out and without:
+            raise CommandError(f"--require-held-out: run(s) {', '.join(without)} logged no held-out val/loss "
+                               "(train with eval_every > 0)")
     except (CheckpointError, ValueError, KeyError, OSError) as e:
         raise CommandError(" ".join(str(e).split())) from None
     path = scaling.write_report(report, out)

@@ -14,6 +14,9 @@ The iterator (`iter(make_dataset(...))`) is still a grain DatasetIterator with `
 `checkpoint_save_args` / `checkpoint_restore_args` wrap that state for an orbax CheckpointManager (older training
 checkpoints hold it, one file per process, as their `data` item; it is no longer read).
 
+A pre-tokenised source (data/tokens.py, {'tokens', 'label'} examples cropped when they were tokenised) goes
+through the same shuffle, epochs, host blocks and batches; only the per-example transform differs.
+
 Images travel as uint8 (4× fewer bytes than float32 from the host to the devices); the jitted steps turn them
 into the model's float32 [-1, 1] with transforms.to_model_range_on_device.
 
@@ -30,12 +33,15 @@ import jax
 import numpy as np
 from absl import flags
 
+from var_jax.data.tokens import token_example
 from var_jax.data.transforms import preprocess
 from var_jax.sharding import batch_sharding, data_parallel_size
 
 
 def _transform_example(example: dict, rng: np.random.Generator | None, *, image_size: int, train: bool,
                        hflip: bool) -> dict:
+    if "tokens" in example:    # pre-tokenised (data/tokens.py): cropped when tokenised; flipped copies drawn here
+        return token_example(example, rng)
     image = preprocess(example["image"], image_size, train=train, rng=rng, hflip=hflip)
     # skipped_images: 1 where the source replaced an unreadable file by the next readable one (folder.py); it
     # travels with the example so that grain worker processes need no side channel, and the train step sums it.

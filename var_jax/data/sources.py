@@ -4,24 +4,28 @@
     {'name': 'shapes', 'image_size': 32, 'split': 'train'}                  # procedural, unlimited ('val': held out)
     {'name': 'folder', 'path': '/data/imagenet/train'}                      # one sub-folder per class
     {'name': 'tfds', 'tfds_name': 'imagenet2012', 'split': 'train', 'data_dir': '/data/tfds'}
+    {'name': 'tokens', 'dir': 'tokens/train', 'eval_dir': 'tokens/val'}    # `var-jax tokenize` output (tokens.py)
 
 Every source is a random-access sequence of {'image': uint8 (H, W, 3), 'label': int32} with a `num_classes`
-attribute; the grain pipeline (pipeline.py) applies the reference transforms.
+attribute; the grain pipeline (pipeline.py) applies the reference transforms. A token set ('tokens') holds
+{'tokens': (L,), 'label'} instead, cropped when it was tokenised.
 
 Training and held-out splits (`build_train_and_held_out`, what the trainer reads): with `split` / `eval_split`
 unset, each source trains on TRAIN_SPLITS and evaluates on HELD_OUT_SPLITS, which never overlap: digits 'train' /
 'test' (a fixed stratified 20%), shapes 'train' / 'val' (indices 0..9,999), folder 'train' / 'val' (a `val/`
 folder beside `train/`, else a hashed 2% of the files, left out of training; folder.py), TFDS 'train' /
-'validation'. `build_source` alone keeps each source's whole default split (digits 'all', folder 'all').
+'validation', tokens `dir` / `eval_dir` (without eval_dir: the held-out images of the source it was
+tokenised from, encoded in the step). `build_source` alone keeps each source's whole default split (digits 'all',
+folder 'all').
 """
 from __future__ import annotations
 
 from typing import Any, Mapping
 
-SOURCE_NAMES = ("digits", "shapes", "folder", "tfds")
+SOURCE_NAMES = ("digits", "shapes", "folder", "tfds", "tokens")
 # Keys of the data config; pipeline options may share the dict, build_source ignores them.
 SOURCE_KEYS = ("name", "path", "tfds_name", "split", "eval_split", "data_dir", "image_size", "image_key",
-               "label_key")
+               "label_key", "dir", "eval_dir")
 # The splits the trainer uses when `split` / `eval_split` are unset: disjoint, so held-out images are never trained on.
 TRAIN_SPLITS = {"digits": "train", "shapes": "train", "folder": "train", "tfds": "train"}
 HELD_OUT_SPLITS = {"digits": "test", "shapes": "val", "folder": "val", "tfds": "validation"}
@@ -72,9 +76,25 @@ def build_source(config) -> tuple[Any, int]:
                             split=split or "train", data_dir=config.get("data_dir"),
                             image_key=config.get("image_key") or "image",
                             label_key=config.get("label_key") or "label")
+    elif name == "tokens":
+        source = _token_source(config, "dir")
     else:
         raise ValueError(f"data config field 'name' must be one of {SOURCE_NAMES}, got {name!r}")
     return source, int(source.num_classes)
+
+
+def _token_source(config: dict, field: str):
+    """The token set data.dir (training) or data.eval_dir (held out), checked against its role."""
+    from var_jax.data.tokens import TokenSource
+    source = TokenSource(_required(config, field, "for name='tokens' (a `var-jax tokenize` output directory)"))
+    held_out = source.meta["transform"] == "eval"
+    if held_out != (field == "eval_dir"):
+        raise ValueError(f"data config field {field!r}: {source.directory} holds the {source.meta['split']!r} split "
+                         f"with the {source.meta['transform']} transform; data.dir takes a training split, "
+                         f"data.eval_dir a held-out one (`var-jax tokenize --split ...`)")
+    if config.get("hflip") and not source.flip:
+        raise ValueError(f"data config field 'hflip': {source.directory} was tokenized without --flip")
+    return source
 
 
 def build_train_and_held_out(config, *, held_out: bool = True) -> tuple[Any, Any, int]:
@@ -84,6 +104,8 @@ def build_train_and_held_out(config, *, held_out: bool = True) -> tuple[Any, Any
     name = _required(config, "name", f"(one of {SOURCE_NAMES})")
     if name not in SOURCE_NAMES:
         raise ValueError(f"data config field 'name' must be one of {SOURCE_NAMES}, got {name!r}")
+    if name == "tokens":
+        return _token_train_and_held_out(config, held_out)
     train, num_classes = build_source({**config, "split": config.get("split") or TRAIN_SPLITS[name]})
     if not held_out:
         return train, None, num_classes
@@ -95,3 +117,20 @@ def build_train_and_held_out(config, *, held_out: bool = True) -> tuple[Any, Any
     if eval_classes != num_classes:
         raise ValueError(f"the held-out split has {eval_classes} classes, the training split {num_classes}")
     return train, evaluation, num_classes
+
+
+def _token_train_and_held_out(config: dict, held_out: bool) -> tuple[Any, Any, int]:
+    """A token set for training; held out, data.eval_dir, or else the held-out images of the data config the
+    training tokens were made from (its meta.json)."""
+    train = _token_source(config, "dir")
+    if not held_out:
+        return train, None, train.num_classes
+    if config.get("eval_dir"):
+        evaluation = _token_source(config, "eval_dir")
+    else:
+        images = {k: v for k, v in train.meta["source"].items() if k in SOURCE_KEYS and v not in ("", None)}
+        evaluation, _ = build_source({**images, "split": images.get("eval_split") or HELD_OUT_SPLITS[images["name"]]})
+    if evaluation.num_classes != train.num_classes:
+        raise ValueError(f"the held-out split has {evaluation.num_classes} classes, the training tokens "
+                         f"{train.num_classes}")
+    return train, evaluation, train.num_classes

@@ -55,7 +55,7 @@ RUN_SETTINGS = ("total_steps", "log_every", "checkpoint_every", "sample_every", 
                 "profile_steps", "compile_cache_dir",
                 "compute_dtype",
                 "model.remat", "model.attention_impl", "data.worker_count", "tokenizer_checkpoint",
-                "eval_every", "eval_batch_size", "eval_class_dropout", "data.eval_split",
+                "eval_every", "eval_batch_size", "eval_class_dropout", "data.eval_split", "data.eval_dir",
                 "grad_accum_steps")
 
 
@@ -105,6 +105,9 @@ def _comparable(record: dict) -> dict:
     if isinstance(progressive, dict) and fraction == 0:
         progressive.pop("ramp_steps", None)
         progressive.pop("start_scale", None)
+    data = run.get("data")
+    if isinstance(data, dict) and data.get("dir") == "":   # unset; runs recorded before token sets lack it
+        data.pop("dir")
     return record
 
 

@@ -70,11 +70,21 @@ def var_model_config(depth: int, **overrides) -> ml_collections.ConfigDict:
 
 def data_config(**overrides) -> ml_collections.ConfigDict:
     """Fields of var_jax.data.build_source / make_dataset ('' = unset). split / eval_split: the training and
-    held-out splits, '' = the source's (data/sources.TRAIN_SPLITS / HELD_OUT_SPLITS: disjoint)."""
+    held-out splits, '' = the source's (data/sources.TRAIN_SPLITS / HELD_OUT_SPLITS: disjoint). dir / eval_dir:
+    the token sets of name='tokens' (`use_token_sets`)."""
     cfg = ml_collections.ConfigDict(dict(name="digits", path="", tfds_name="", split="", eval_split="", data_dir="",
-                                         image_size=32, hflip=False, worker_count=0))
+                                         image_size=32, hflip=False, worker_count=0, dir="", eval_dir=""))
     cfg.update(overrides)
     return cfg
+
+
+def use_token_sets(config: ml_collections.ConfigDict, directory: str,
+                   eval_directory: str = "") -> ml_collections.ConfigDict:
+    """The VAR stage reads `var-jax tokenize` outputs instead of images (data/tokens.py): `directory` for training,
+    `eval_directory` (optional) for the held-out evaluation; the same as --config.data.name=tokens
+    --config.data.dir=DIR --config.data.eval_dir=DIR_VAL."""
+    config.data.name, config.data.dir, config.data.eval_dir = "tokens", directory, eval_directory
+    return config
 
 
 def base_config(stage: str = "var") -> ml_collections.ConfigDict:

@@ -9,6 +9,8 @@ Config fields (all run settings: changing them never refuses a resume):
   eval_class_dropout  VAR: drop class labels at the training rate during evaluation as the reference does
                       (default False: every image conditioned on its class)
   data.eval_split     the held-out split; '' = the source's default (data/sources.HELD_OUT_SPLITS)
+  data.eval_dir       with data.name='tokens': a held-out token set (`var-jax tokenize --split val`), evaluated
+                      without the tokenizer's encoder; '' = the held-out images the training tokens came from
 """
 from __future__ import annotations
 

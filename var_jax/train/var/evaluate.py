@@ -1,10 +1,12 @@
 """The VAR stage's held-out evaluation (train/held_out.py): the paper's test loss L and token error rate Err.
 
 The eval step tokenises the held-out images with the frozen tokenizer as the train step does
-(step.make_tokenizer_fn), runs the transformer with teacher forcing over all scales (no drop-path; class dropout
-only with eval_class_dropout, as the reference evaluates) and returns, per scale, the sums over the batch's real
-images of the token cross-entropy (loss.token_cross_entropy, no label smoothing and uniform weights: the paper's
-L, not the training objective when label smoothing or scale weights are set) and of the correct top-1 tokens.
+(step.make_tokenizer_fn), or builds the teacher input from a held-out token set's ids (step.make_ids_teacher_fn,
+`input_key='tokens'`, data.eval_dir: the encoder never runs), runs the transformer with teacher forcing over all
+scales (no drop-path; class dropout only with eval_class_dropout, as the reference evaluates) and returns, per
+scale, the sums over the batch's real images of the token cross-entropy (loss.token_cross_entropy, no label
+smoothing and uniform weights: the paper's L, not the training objective when label smoothing or scale weights
+are set) and of the correct top-1 tokens.
 
 Metrics: val/loss, val/acc (all tokens), val/loss_last, val/acc_last (the last scale), val/loss_s{k},
 val/acc_s{k} (scale k = 0, 1, ..., the k-th entry of patch_nums); accuracies in % like Accm / Acct (the error
@@ -24,7 +26,7 @@ from var_jax.train.var import loss as var_loss
 
 
 def make_var_eval_step(parts: ModelParts, patch_nums, tokenize: Callable, *, class_dropout: bool = False,
-                       seed: int = 0) -> Callable:
+                       seed: int = 0, input_key: str = "image") -> Callable:
     """eval_step(params, batch, frozen) -> {'ce': (S,), 'correct': (S,), 'images': ()} sums over the real
     images (batch 'mask' 1.0). With class_dropout the batch's 'index' (its number in the pass) seeds the draw,
     so every evaluation of the same params drops the same labels."""
@@ -34,7 +36,7 @@ def make_var_eval_step(parts: ModelParts, patch_nums, tokenize: Callable, *, cla
         return jnp.stack([jnp.sum(x[:, begin:end] * mask[:, None]) for begin, end in slices])
 
     def eval_step(params, batch, frozen):
-        tokens, teacher = tokenize(frozen, batch["image"])
+        tokens, teacher = tokenize(frozen, batch[input_key])
         key = jax.random.fold_in(jax.random.PRNGKey(seed), batch["index"]) if class_dropout else None
         # deterministic=False with no dropout_key: class dropout only, never drop-path
         logits = parts.merge(params)(batch["label"], teacher, cond_drop_key=key, deterministic=not class_dropout)

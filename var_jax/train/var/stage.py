@@ -1,7 +1,12 @@
-"""The VAR training stage: frozen tokenizer + VAR transformer, built from a config (see configs/common.py)."""
+"""The VAR training stage: frozen tokenizer + VAR transformer, built from a config (see configs/common.py).
+
+The steps read images and tokenise them with the frozen tokenizer, or, with data.name='tokens', a token set's ids
+(data/tokens.py) and build only the teacher-forcing input from them; token sets made with another tokenizer
+(config, scales, vocabulary, weights) or image size are refused before anything compiles."""
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import jax
 import numpy as np
@@ -10,6 +15,7 @@ from jax.experimental import multihost_utils
 
 from var_jax.checkpoints import model_parts, save_model_dir
 from var_jax.data.pipeline import global_batch_from_host
+from var_jax.data.tokens import TokenSetError, check_matches, read_meta, token_dtype, tokenizer_identity
 from var_jax.sample.sampler import SampleOptions, make_sample_fn
 from var_jax.sharding import replicated, state_shardings
 from var_jax.train import optimizer
@@ -21,7 +27,7 @@ from var_jax.train.var import flops
 from var_jax.train.var.evaluate import make_var_eval_step, var_val_metrics
 from var_jax.train.var.loss import token_weights
 from var_jax.train.var.progressive import progressive_from_config
-from var_jax.train.var.step import VarStepConfig, make_tokenizer_fn, make_var_train_step
+from var_jax.train.var.step import VarStepConfig, make_ids_teacher_fn, make_tokenizer_fn, make_var_train_step
 from var_jax.transformer import VAR, RunSettings, VARConfig, preset
 from var_jax.transformer.config import RUN_SETTINGS
 
@@ -90,9 +96,14 @@ def build_var_stage(config, mesh, dataset_classes: int) -> Stage:
     tok_graphdef, tok_params = nnx.split(tokenizer)
     tok_state = nnx.to_pure_dict(tok_params)
     tok_shardings = nnx.to_pure_dict(state_shardings(tok_params, mesh))
-    tokenize = make_tokenizer_fn(tok_graphdef, tok_cfg, order=var_cfg.order)
-    image_size = int(config.data.image_size)
-    batch_example = {"image": jax.ShapeDtypeStruct((int(config.batch_size), image_size, image_size, 3), np.uint8),
+    from_tokens = config.data.get("name") == "tokens"
+    if from_tokens:
+        _check_token_sets(config, bool(eval_cfg.every), tok_cfg, tokenizer)
+    inputs = _StepInput.of(from_tokens, config, tok_graphdef, tok_cfg, var_cfg)
+    # held out: a token set when data.eval_dir names one, else the images the training tokens came from
+    eval_inputs = _StepInput.of(from_tokens and bool(config.data.get("eval_dir")), config, tok_graphdef, tok_cfg,
+                                var_cfg)
+    batch_example = {inputs.key: inputs.example(int(config.batch_size)),
                      "label": jax.ShapeDtypeStruct((int(config.batch_size),), np.int32),
                      "skipped_images": jax.ShapeDtypeStruct((int(config.batch_size),), np.int32)}
     if sched.enabled:
@@ -103,8 +114,9 @@ def build_var_stage(config, mesh, dataset_classes: int) -> Stage:
         prog_si = sched.scale_at(step)
         if prog_si not in compiled:
             cfg = dataclasses.replace(step_cfg, prog_si=prog_si)
-            compiled[prog_si] = jit_train_step(make_var_train_step(parts, tx, cfg, tokenize), layout, mesh,
-                                               batch_example, tok_shardings)
+            compiled[prog_si] = jit_train_step(make_var_train_step(parts, tx, cfg, inputs.tokenize,
+                                                                   input_key=inputs.key),
+                                               layout, mesh, batch_example, tok_shardings)
         return compiled[prog_si]
 
     def make_batch(local, step: int):
@@ -112,7 +124,7 @@ def build_var_stage(config, mesh, dataset_classes: int) -> Stage:
         if labels.size and (labels.min() < 0 or labels.max() >= var_cfg.num_classes):
             raise ConfigError(f"model.num_classes: batch has class ids in [{labels.min()}, {labels.max()}], "
                               f"outside [0, {var_cfg.num_classes})")
-        batch = global_batch_from_host({"image": local["image"], "label": labels.astype(np.int32),
+        batch = global_batch_from_host({inputs.key: local[inputs.key], "label": labels.astype(np.int32),
                                         "skipped_images": local["skipped_images"]}, mesh)
         if sched.enabled:
             batch["loss_ramp"] = jax.make_array_from_process_local_data(replicated(mesh),
@@ -130,26 +142,57 @@ def build_var_stage(config, mesh, dataset_classes: int) -> Stage:
         model_config={"var": var_cfg.to_dict(), "tokenizer": tok_cfg.to_dict()},
         tokens_per_example=var_cfg.seq_len, flops_per_example=flops.var_train_flops_per_example(var_cfg),
         sample=sample_fn, best_metric="val/loss",
-        evaluate=_make_evaluator(config, eval_cfg, mesh, parts, layout, var_cfg, tokenize, tok_state, tok_shardings),
+        evaluate=_make_evaluator(config, eval_cfg, mesh, parts, layout, var_cfg, eval_inputs, tok_state,
+                                 tok_shardings),
         describe=f"VAR depth {var_cfg.depth} width {var_cfg.width} ({var_cfg.compute_dtype}), L={var_cfg.seq_len}, "
                  f"V={var_cfg.vocab_size}; lr schedule {optimizer.schedule_name(config.optim, pg)}"
                  + (f", progressive from scale {sched.start_scale} to {sched.fraction:g} of the run, ramp "
                     f"{sched.ramp_steps:g} steps" if sched.enabled else "")
-                 + (f"; {accum} micro-batches of {int(config.batch_size) // accum} per step" if accum > 1 else ""))
+                 + (f"; {accum} micro-batches of {int(config.batch_size) // accum} per step" if accum > 1 else "")
+                 + (f"; token set {config.data.dir}" if from_tokens else ""))
 
 
-def _make_evaluator(config, eval_cfg, mesh, parts, layout, var_cfg, tokenize, tok_state, tok_shardings):
+@dataclasses.dataclass(frozen=True)
+class _StepInput:
+    """What a step reads from its batch: `key` ('image' or 'tokens'), its shape per batch size, and the function
+    that turns it into (tokens, teacher input) with the frozen tokenizer's parameters."""
+    key: str
+    tokenize: Callable
+    example: Callable[[int], jax.ShapeDtypeStruct]
+
+    @classmethod
+    def of(cls, from_tokens: bool, config, tok_graphdef, tok_cfg, var_cfg) -> "_StepInput":
+        if from_tokens:
+            return cls("tokens", make_ids_teacher_fn(tok_graphdef, tok_cfg, order=var_cfg.order),
+                       lambda b: jax.ShapeDtypeStruct((b, var_cfg.seq_len), token_dtype(tok_cfg.vocab_size)))
+        size = int(config.data.image_size)
+        return cls("image", make_tokenizer_fn(tok_graphdef, tok_cfg, order=var_cfg.order),
+                   lambda b: jax.ShapeDtypeStruct((b, size, size, 3), np.uint8))
+
+
+def _check_token_sets(config, evaluates: bool, tok_cfg, tokenizer):
+    """data.dir (and data.eval_dir when evaluating) must hold tokens of this tokenizer at this image size."""
+    identity = tokenizer_identity(tok_cfg, tokenizer)
+    for field in ("dir",) + (("eval_dir",) if evaluates and config.data.get("eval_dir") else ()):
+        directory = config.data[field]
+        try:
+            check_matches(read_meta(directory), directory, identity, int(config.data.image_size))
+        except TokenSetError as e:
+            raise ConfigError(f"data.{field}: {e}") from None
+
+
+def _make_evaluator(config, eval_cfg, mesh, parts, layout, var_cfg, inputs, tok_state, tok_shardings):
     """The held-out evaluation (var/evaluate.py), or None when eval_every is 0."""
     if not eval_cfg.every:
         return None
-    size, image_size = eval_cfg.batch_size, int(config.data.image_size)
-    batch_example = {"image": jax.ShapeDtypeStruct((size, image_size, image_size, 3), np.uint8),
+    size = eval_cfg.batch_size
+    batch_example = {inputs.key: inputs.example(size),
                      "label": jax.ShapeDtypeStruct((size,), np.int32),
                      "mask": jax.ShapeDtypeStruct((size,), np.float32)}
     if eval_cfg.class_dropout:
         batch_example["index"] = jax.ShapeDtypeStruct((), np.int32)
-    step = make_var_eval_step(parts, var_cfg.patch_nums, tokenize, class_dropout=eval_cfg.class_dropout,
-                              seed=int(config.seed))
+    step = make_var_eval_step(parts, var_cfg.patch_nums, inputs.tokenize, class_dropout=eval_cfg.class_dropout,
+                              seed=int(config.seed), input_key=inputs.key)
     return make_evaluator(step, lambda sums: var_val_metrics(sums, var_cfg.patch_nums), mesh=mesh,
                           param_shardings=layout.shardings.params, frozen=tok_state, frozen_shardings=tok_shardings,
                           batch_example=batch_example)

@@ -3,8 +3,11 @@
 With on-the-fly tokenisation (`tokenize=make_tokenizer_fn(...)`) the batch is {'image' (B,H,W,3) uint8 (or
 float in [-1,1]), 'label' (B,)} and `frozen` is the tokenizer's parameters: the frozen tokenizer runs inside the
 step in float32 (images -> [-1, 1] -> f -> per-scale tokens -> teacher-forcing input), without gradients.
-Without it (`tokenize=None`) the batch carries pre-computed {'tokens' (B,L) int, 'teacher_input' (B,L-1,Cvae),
-'label'} and `frozen` is ignored (benchmarks, pre-tokenised datasets).
+From a token set (data/tokens.py; `tokenize=make_ids_teacher_fn(...)`, `input_key='tokens'`) the batch is
+{'tokens' (B,L) uint16 or int32, 'label'}: the encoder never runs, the teacher-forcing input is built from the ids
+with the frozen quantizer (codebook and Phi), exactly as the on-the-fly path builds it from the ids it computes.
+Without either (`tokenize=None`) the batch carries pre-computed {'tokens' (B,L) int, 'teacher_input'
+(B,L-1,Cvae), 'label'} and `frozen` is ignored (benchmarks).
 
 An optional batch entry 'loss_ramp' (float32 scalar) scales the newest scale's loss weight in progressive
 training (see progressive.py); `prog_si` (static) truncates the sequence to the first prog_si+1 scales.
@@ -56,30 +59,55 @@ def raster_teacher_input(codebook, tokens):
     return jnp.take(codebook.astype(jnp.float32), tokens[:, :-1], axis=0)
 
 
+def _check_order(tokenizer_cfg, order: str):
+    if order == "raster" and tokenizer_cfg.num_scales != 1:
+        raise ValueError(f"raster order needs a single-scale tokenizer, got patch_nums {tokenizer_cfg.patch_nums}")
+
+
+def _tokens_and_teacher(qparams: dict, token_maps, tokenizer_cfg, order: str):
+    """Per-scale token maps [(B, pn²)] -> (tokens (B, L) int32, teacher input float32), no gradient: the one
+    place both paths (images, token sets) build the transformer's input."""
+    if order == "raster":
+        tokens = token_maps[0].astype(jnp.int32)
+        teacher = raster_teacher_input(qparams["codebook"], tokens)
+    else:
+        teacher = quantizer.teacher_forcing_input(qparams, token_maps, tokenizer_cfg)
+        tokens = jnp.concatenate([t.reshape(t.shape[0], -1) for t in token_maps], axis=1).astype(jnp.int32)
+    return jax.lax.stop_gradient(tokens), jax.lax.stop_gradient(teacher.astype(jnp.float32))
+
+
 def make_tokenizer_fn(tokenizer_graphdef, tokenizer_cfg, order: str = "scale") -> Callable:
     """(tokenizer params, images uint8 or in [-1, 1]) -> (tokens (B, L) int32, teacher input (B, L - first_l,
     Cvae) float32), no gradient. order: the transformer's VARConfig.order ('raster' wants a single-scale
     tokenizer)."""
-    if order == "raster" and tokenizer_cfg.num_scales != 1:
-        raise ValueError(f"raster order needs a single-scale tokenizer, got patch_nums {tokenizer_cfg.patch_nums}")
+    _check_order(tokenizer_cfg, order)
 
     def tokenize(tokenizer_state, images):
         tokenizer = nnx.merge(tokenizer_graphdef, tokenizer_state)
         f = tokenizer.encode(to_model_range_on_device(images), per_sample=True)   # frozen: inference path
         qparams = tokenizer.quantizer_params()
-        tokens = quantizer.f_to_tokens(qparams, f, tokenizer_cfg)[0]
-        if order == "raster":
-            tokens = tokens[0].astype(jnp.int32)
-            teacher = raster_teacher_input(qparams["codebook"], tokens)
-        else:
-            teacher = quantizer.teacher_forcing_input(qparams, tokens, tokenizer_cfg)
-            tokens = jnp.concatenate([t.reshape(t.shape[0], -1) for t in tokens], axis=1).astype(jnp.int32)
-        return jax.lax.stop_gradient(tokens), jax.lax.stop_gradient(teacher.astype(jnp.float32))
+        return _tokens_and_teacher(qparams, quantizer.f_to_tokens(qparams, f, tokenizer_cfg)[0], tokenizer_cfg,
+                                   order)
     return tokenize
 
 
+def make_ids_teacher_fn(tokenizer_graphdef, tokenizer_cfg, order: str = "scale") -> Callable:
+    """(tokenizer params, ids (B, L) of every scale concatenated, any integer dtype) -> what make_tokenizer_fn
+    gives for the images those ids came from; only the quantizer's codebook and Phi convs are read."""
+    _check_order(tokenizer_cfg, order)
+    slices = scale_begin_ends(tuple(tokenizer_cfg.patch_nums))
+
+    def from_ids(tokenizer_state, ids):
+        qparams = nnx.merge(tokenizer_graphdef, tokenizer_state).quantizer_params()
+        ids = ids.astype(jnp.int32)
+        return _tokens_and_teacher(qparams, [ids[:, begin:end] for begin, end in slices], tokenizer_cfg, order)
+    return from_ids
+
+
 def make_var_train_step(parts: ModelParts, tx: optax.GradientTransformation, step_cfg: VarStepConfig,
-                        tokenize: Callable | None = None) -> Callable[[TrainState, Any, Any], tuple[TrainState, dict]]:
+                        tokenize: Callable | None = None, *, input_key: str = "image",
+                        ) -> Callable[[TrainState, Any, Any], tuple[TrainState, dict]]:
+    """input_key: the batch entry `tokenize` reads, 'image' (make_tokenizer_fn) or 'tokens' (make_ids_teacher_fn)."""
     slices = scale_begin_ends(step_cfg.patch_nums)
     full_weights = var_loss.token_weights(step_cfg.patch_nums, step_cfg.scale_weights)
     num_scales = step_cfg.num_scales
@@ -93,7 +121,7 @@ def make_var_train_step(parts: ModelParts, tx: optax.GradientTransformation, ste
         def micro_step(micro, key):
             """Loss, metrics and gradients of one micro-batch (the whole batch when k = 1)."""
             if tokenize is not None:
-                tokens, teacher = tokenize(frozen, to_model_range_on_device(micro["image"]))
+                tokens, teacher = tokenize(frozen, micro[input_key])
             else:
                 tokens, teacher = micro["tokens"], micro["teacher_input"]
             # the teacher input lacks the start positions (first_l, which depends on the order): cut its tail
@@ -111,7 +139,7 @@ def make_var_train_step(parts: ModelParts, tx: optax.GradientTransformation, ste
             means = {"grads": grads, "loss": loss, **var_loss.var_metrics(logits, tokens, last_end - last_begin)}
             return means, None, None
 
-        inputs = ("image",) if tokenize is not None else ("tokens", "teacher_input")
+        inputs = (input_key,) if tokenize is not None else ("tokens", "teacher_input")
         # Per-step randomness from (base key, step): a resumed run draws exactly the same keys.
         means, _, _ = accumulate(micro_step, {k: batch[k] for k in inputs + ("label",)}, step_cfg.grad_accum_steps,
                                  jax.random.fold_in(state.rng, state.step))
@@ -120,7 +148,7 @@ def make_var_train_step(parts: ModelParts, tx: optax.GradientTransformation, ste
         params = optax.apply_updates(state.params, updates)
         grad_norm = optax.tree.norm(grads)
         metrics = {**means, "loss": loss, "grad_norm": grad_norm, **current_hyperparams(opt_state)}
-        if tokenize is not None:
+        if tokenize is not None and input_key == "image":
             batch = {**batch, "image": to_model_range_on_device(batch["image"])}   # finish_step checks these
         # A non-finite loss or gradient changes nothing but the step (see state.finish_step).
         new_state, counters = finish_step(state, state.replace(step=state.step + 1, params=params,
