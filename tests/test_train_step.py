@@ -200,3 +200,21 @@ def test_bfloat16_compute_keeps_float32_params_and_loss():
         assert metrics["loss"].dtype == jnp.float32
         results[dtype] = float(metrics["loss"])
     assert results["bfloat16"] == pytest.approx(results["float32"], rel=2e-2)
+
+
+def test_tree_all_finite_and_its_compiled_size():
+    """tree_all_finite: False for a NaN or inf anywhere in a float leaf (integer leaves ignored); the update that
+    reads it (finish_step's select per leaf) compiles to O(leaves) ops, not a per-leaf copy of the whole check."""
+    from var_jax.train.state import tree_all_finite
+    rng = np.random.default_rng()
+    n = int(rng.integers(30, 60))
+    tree = {f"w{i}": jnp.asarray(rng.normal(size=(2, int(rng.integers(1, 5)))), jnp.float32) for i in range(n)}
+    tree["count"] = jnp.int32(3)
+    assert bool(jax.jit(tree_all_finite)(tree))
+    for bad in (np.nan, np.inf, -np.inf):
+        leaf = f"w{rng.integers(n)}"
+        broken = {**tree, leaf: tree[leaf].at[0, 0].set(bad)}
+        assert not bool(jax.jit(tree_all_finite)(broken)), (leaf, bad)
+    update = jax.jit(lambda t: jax.tree.map(lambda x: jnp.where(tree_all_finite(t), x * 2, x), t))
+    hlo = update.lower(tree).compile().as_text()
+    assert hlo.count(" and(") + hlo.count(" or(") + hlo.count(" not(") < 8 * n, n

@@ -46,9 +46,14 @@ def zero_counters() -> dict:
 
 
 def tree_all_finite(tree) -> jax.Array:
-    """One bool scalar: every floating-point leaf of `tree` is finite."""
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+    """One bool scalar: every floating-point leaf of `tree` is finite.
+
+    Written as all(not(stack(any non-finite))): XLA keeps that one reduction, which every leaf's update then reads.
+    all(stack(all finite)) it rewrote into a chain of one `and` per leaf and copied the chain into each leaf's
+    update fusion (leaves² ops: the tiny GAN tokenizer's step compiled to 189k HLO lines in 100 s instead of 47k
+    lines in 44 s; an optimization barrier does not stop it, XLA:CPU removes barriers before fusing)."""
+    leaves = [jnp.any(~jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(~jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def finish_step(old, new, loss, grad_norm, batch) -> tuple[Any, dict]:
