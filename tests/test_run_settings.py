@@ -88,26 +88,18 @@ def test_a_run_recorded_before_the_derived_schedule_defaults_still_resumes(tmp_p
     reference's progressive schedule) resume under today's 'auto' / -1 defaults when progressive training is off;
     a schedule that computes something else is still refused, naming the field."""
     from configs.digits_var import get_config
-    from var_jax.train.checkpointing import (RUN_CONFIG_FILE, CheckpointMismatch, TrainCheckpointer,
-                                             run_identity)
+    from resume_guard import check_resumes, record_run
+    from var_jax.train.checkpointing import CheckpointMismatch, run_identity
     config = get_config()
     old = run_identity(config)
     old["optim"]["schedule"], old["progressive"]["ramp_steps"] = "lin0", 1
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / RUN_CONFIG_FILE).write_text(json.dumps({"model": {}, "run": old}))
-
-    def check(cfg):
-        checkpointer = TrainCheckpointer(tmp_path, keep=1, model_config={}, run_config=run_identity(cfg))
-        try:
-            checkpointer.check_model_config()
-        finally:
-            checkpointer.close()
-    check(config)
+    record_run(tmp_path, old)
+    check_resumes(tmp_path, config)
     other = get_config()
     other.optim.schedule = "constant"
     with pytest.raises(CheckpointMismatch, match="optim.schedule"):
-        check(other)
+        check_resumes(tmp_path, other)
     progressive = get_config()
     progressive.progressive.fraction = 0.5
     with pytest.raises(CheckpointMismatch, match="progressive"):
-        check(progressive)
+        check_resumes(tmp_path, progressive)

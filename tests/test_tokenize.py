@@ -284,21 +284,14 @@ def test_tokenize_refuses_bad_arguments_in_one_line(tmp_path, capsys, extra, mes
 def test_runs_recorded_before_token_sets_still_resume_and_another_token_set_is_refused(tmp_path):
     """data.dir / data.eval_dir are new config fields: a run recorded without them resumes; data.eval_dir is a
     run setting (like data.eval_split), data.dir is not."""
-    from var_jax.train.checkpointing import RUN_CONFIG_FILE, CheckpointMismatch, TrainCheckpointer, run_identity
+    from resume_guard import check_resumes, record_run
+    from var_jax.train.checkpointing import CheckpointMismatch, run_identity
     config = repo_config(CONFIG.removeprefix("configs/"))
     old = run_identity(config)
     del old["data"]["dir"]
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / RUN_CONFIG_FILE).write_text(json.dumps({"model": {}, "run": old}))
-
-    def check(cfg):
-        checkpointer = TrainCheckpointer(tmp_path, keep=1, model_config={}, run_config=run_identity(cfg))
-        try:
-            checkpointer.check_model_config()
-        finally:
-            checkpointer.close()
-    check(config)
+    record_run(tmp_path, old)
+    check_resumes(tmp_path, config)
     config.data.eval_dir = "tokens/val"
-    check(config)
+    check_resumes(tmp_path, config)
     with pytest.raises(CheckpointMismatch, match="data.dir"):
-        check(use_token_sets(config, "tokens/train"))
+        check_resumes(tmp_path, use_token_sets(config, "tokens/train"))
