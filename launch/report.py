@@ -31,6 +31,7 @@ sys.path.insert(0, str(REPO_ROOT))               # var_jax from a checkout that 
 sys.path.insert(0, str(REPO_ROOT / "launch"))    # ablations.make_table: Table 3's one layout
 
 from var_jax.cli.common import CommandError, exit_on_command_error  # noqa: E402
+from var_jax.paths import read_json_object  # noqa: E402
 
 RESULTS = "results.json"
 TOKENIZER_KEYS = ("tokenizer", "raster_tokenizer")
@@ -54,14 +55,7 @@ def _finite(value) -> bool:
 
 def read_results(directory) -> dict:
     path = Path(directory) / RESULTS
-    if not path.is_file():
-        raise ResultsError(f"{path}: no such file (run launch/reproduce.py --out {directory} first)")
-    try:
-        results = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ResultsError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(results, dict):
-        raise ResultsError(f"{path}: expected a JSON object, got {type(results).__name__}")
+    results = read_json_object(path, ResultsError, f"run launch/reproduce.py --out {directory} first")
     check_results(results, path)
     return results
 

@@ -163,6 +163,9 @@ def test_report_on_a_missing_or_broken_file_exits_2_with_one_line(tmp_path):
     (tmp_path / "results.json").write_text('{"tokenizer": ')
     with pytest.raises(report.ResultsError, match="results.json: not valid JSON"):
         report.main([str(tmp_path)])
+    (tmp_path / "results.json").write_text('[1, 2]')
+    with pytest.raises(report.ResultsError, match="results.json: expected a JSON object, got list"):
+        report.main([str(tmp_path)])
 
 
 def test_scaling_require_held_out_names_the_runs_without_held_out_loss(tmp_path, capsys):

@@ -295,3 +295,14 @@ def test_runs_recorded_before_token_sets_still_resume_and_another_token_set_is_r
     check_resumes(tmp_path, config)
     with pytest.raises(CheckpointMismatch, match="data.dir"):
         check_resumes(tmp_path, use_token_sets(config, "tokens/train"))
+
+
+def test_a_missing_or_broken_meta_file_is_one_line_naming_it(tmp_path):
+    with pytest.raises(tokens.TokenSetError, match=re.escape(f"{tmp_path}/meta.json: no such file ({tmp_path} is "
+                                                             "not a token set; make one with `var-jax tokenize`)")):
+        tokens.read_meta(tmp_path)
+    for content, message in (("{", "not valid JSON"), ('"tokens"', "expected a JSON object, got str"),
+                             ('{"format": "other"}', "not a 'var-jax-tokens' file")):
+        (tmp_path / "meta.json").write_text(content)
+        with pytest.raises(tokens.TokenSetError, match=re.escape(f"{tmp_path}/meta.json: {message}")):
+            tokens.read_meta(tmp_path)

@@ -15,6 +15,7 @@ cache sees the new object).
 from __future__ import annotations
 
 import functools
+import json
 import os
 import shutil
 import tempfile
@@ -118,3 +119,18 @@ def _filesystem(path: epath.Path):
 
 def atomic_write_text(path: PathLike, content: str) -> epath.Path:
     return atomic_write(path, lambda f: f.write(content), text=True)
+
+
+def read_json_object(path: PathLike, error: type[Exception], missing: str) -> dict:
+    """The JSON object stored at `path`; `error(one line naming the file)` when it is absent (`missing` says
+    what to do), not JSON, or not an object."""
+    path = user_path(path)
+    if not path.is_file():
+        raise error(f"{path}: no such file ({missing})")
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value

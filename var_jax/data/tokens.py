@@ -37,7 +37,7 @@ import jax
 import numpy as np
 
 from var_jax.data.transforms import preprocess
-from var_jax.paths import atomic_write, read_bytes_many, user_path
+from var_jax.paths import atomic_write, read_bytes_many, read_json_object, user_path
 
 FORMAT_NAME = "var-jax-tokens"
 FORMAT_VERSION = 1
@@ -101,13 +101,9 @@ def tokenizer_identity(tokenizer_cfg, tokenizer) -> dict:
 def read_meta(directory) -> dict:
     directory = user_path(directory)
     path = directory / META_FILE
-    if not path.is_file():
-        raise TokenSetError(f"{directory} is not a token set (no {META_FILE}; make one with `var-jax tokenize`)")
-    try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TokenSetError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+    meta = read_json_object(path, TokenSetError,
+                            f"{directory} is not a token set; make one with `var-jax tokenize`")
+    if meta.get("format") != FORMAT_NAME:
         raise TokenSetError(f"{path}: not a {FORMAT_NAME!r} file")
     if meta.get("version") != FORMAT_VERSION:
         raise TokenSetError(f"{path}: version {meta.get('version')!r} is not supported (this var-jax reads "
