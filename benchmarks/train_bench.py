@@ -58,9 +58,8 @@ def measure_matmul_peak(n: int = 2048, reps: int = 10) -> float:
 
 
 def build(depth: int, batch: int, mesh, *, with_tokenizer: bool, remat: str = "none", abstract: bool = False,
-          compute_dtype: str = "auto", grad_accum: int = 1, tok_cfg=None):
-    """(jitted step, layout, frozen tokenizer state or abstract, tokenizer fn, VARConfig, tokenizer parts);
-    `tok_cfg`: the tokenizer's TokenizerConfig (default the released shape; compare.py --smoke passes a tiny one)."""
+          compute_dtype: str = "auto", grad_accum: int = 1):
+    """(jitted step, layout, frozen tokenizer state or abstract, tokenizer fn, VARConfig, tokenizer parts)."""
     import jax
     from flax import nnx
 
@@ -73,7 +72,7 @@ def build(depth: int, batch: int, mesh, *, with_tokenizer: bool, remat: str = "n
     from var_jax.train.var.step import VarStepConfig, make_tokenizer_fn, make_var_train_step
     from var_jax.transformer import VAR, RunSettings, preset
 
-    tok_cfg = tok_cfg or TokenizerConfig()       # the released tokenizer's shape
+    tok_cfg = TokenizerConfig()                  # the released tokenizer's shape
     var_cfg = preset(depth, num_classes=1000, vocab_size=tok_cfg.vocab_size, z_channels=tok_cfg.z_channels,
                      patch_nums=tok_cfg.patch_nums).with_run_settings(RunSettings(compute_dtype=compute_dtype,
                                                                                   remat=remat))
@@ -107,26 +106,21 @@ def build(depth: int, batch: int, mesh, *, with_tokenizer: bool, remat: str = "n
 
 
 def compiled_train_step(depth: int, batch: int, mesh, with_tokenizer: bool, compute_dtype: str = "auto",
-                        remat: str = "none", tok_cfg=None) -> dict:
-    """The compiled d{depth} train step at the tokenizer's image size (256 px: the released shape) with its initial
-    state and a random batch (images when the step tokenises, else pre-computed tokens); also used by compare.py
-    and accelerator.py."""
+                        remat: str = "none") -> dict:
+    """The compiled d{depth} train step at 256 px with its initial state and a random batch (images when the step
+    tokenises, else pre-computed tokens); also used by compare.py and accelerator.py."""
     import jax
     import numpy as np
 
     from var_jax.data.pipeline import global_batch_from_host
-    from var_jax.tokenizer.config import TokenizerConfig
     from var_jax.train.state import init_train_state
     from var_jax.transformer import VAR
 
-    tok_cfg = tok_cfg or TokenizerConfig()
-    size = tok_cfg.image_size
     rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, size=(batch, size, size, 3), dtype=np.uint8)   # as the pipeline sends them
+    images = rng.integers(0, 256, size=(batch, 256, 256, 3), dtype=np.uint8)   # as the pipeline sends them
     labels = rng.integers(0, 1000, size=(batch,)).astype(np.int32)
     step, layout, tok_state, tokenize, var_cfg, _, _, tx = build(depth, batch, mesh, with_tokenizer=with_tokenizer,
-                                                                 remat=remat, compute_dtype=compute_dtype,
-                                                                 tok_cfg=tok_cfg)
+                                                                 remat=remat, compute_dtype=compute_dtype)
     with jax.set_mesh(mesh):
         state = init_train_state(lambda rngs: VAR(var_cfg, rngs=rngs), tx, layout, mesh, seed=0)
         if with_tokenizer:

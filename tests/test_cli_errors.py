@@ -192,11 +192,11 @@ for attempt in range(4):
 
 
 def test_a_failed_restore_ends_its_reads_before_the_error_is_raised(model_dir, tmp_path):
-    from conftest import subprocess_env
+    from conftest import REPO_ROOT
     assert _late_read_hits_a_closed_loop(drain=False)       # the hazard is real
     assert not _late_read_hits_a_closed_loop(drain=True)    # and draining removes it
 
-    env = subprocess_env(JAX_PLATFORMS="cpu")
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, "-c", _FAILED_RESTORES, str(tmp_path / "ckpt"),
                            str(random.randrange(2 ** 31))], env=env, capture_output=True, text=True, timeout=300)
     assert proc.stdout.split() == ["failed"] * 4, proc.stderr[-3000:]
@@ -366,7 +366,7 @@ def _free_port():
 def test_sample_resumes_a_moved_checkpoint_refuses_another_and_matches_two_hosts(model_dir, tmp_path, capsys):
     """One single-host run; the same run with the checkpoint moved resumes without sampling again; another
     model under the same path is refused; two processes joined by jax.distributed write the same samples.npz."""
-    from conftest import device_flags, subprocess_env
+    from conftest import REPO_ROOT
     moved = copy_model(model_dir, tmp_path, "moved")
     args = ["--classes", "1,2,3", "--num-per-class", "2", "--batch-size", "2", "--top-k", "5", "--seed", "7"]
     assert main(["sample", "--checkpoint", str(model_dir), "--out", str(tmp_path / "one"), *args]) == 0
@@ -382,7 +382,8 @@ def test_sample_resumes_a_moved_checkpoint_refuses_another_and_matches_two_hosts
           "different settings (model_sha256)")
 
     port = _free_port()
-    env = subprocess_env(JAX_PLATFORMS="cpu", XLA_FLAGS=device_flags(1))
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO_ROOT),
+               XLA_FLAGS="--xla_force_host_platform_device_count=1")
     procs = [subprocess.Popen([sys.executable, "-m", "var_jax", "sample", "--checkpoint", str(model_dir),
                                "--out", str(tmp_path / "two"), *args, "--coordinator_address", f"localhost:{port}",
                                "--num_processes", "2", "--process_id", str(i)],

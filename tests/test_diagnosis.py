@@ -22,20 +22,14 @@ TIME_KINDS = [f"time/{kind}_s" for kind in diagnosis.KINDS]
 
 
 @pytest.fixture
-def jax_cache_config(monkeypatch):
+def jax_cache_config():
     """The compilation cache settings as they were: a run points JAX's cache at its workdir for the process."""
-    from jax.experimental.compilation_cache import compilation_cache
     names = ("jax_compilation_cache_dir", "jax_enable_compilation_cache", "jax_persistent_cache_min_compile_time_secs",
              "jax_persistent_cache_min_entry_size_bytes")
     before = {name: getattr(jax.config, name) for name in names}
     ours = diagnosis._ours["dir"]        # an earlier run in this process may have pointed the cache at its workdir
-    # no cache configured, as in a user's process: the session's (tests/conftest.py) is not the user's own
-    for name in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
-                 "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"):
-        monkeypatch.delenv(name, raising=False)
-    compilation_cache.reset_cache()
-    jax.config.update("jax_compilation_cache_dir", None)
     yield
+    from jax.experimental.compilation_cache import compilation_cache
     compilation_cache.reset_cache()
     for name, value in before.items():
         jax.config.update(name, value)

@@ -1,7 +1,8 @@
 """Training faults (issue 8): non-finite steps, unreadable checkpoints, SIGTERM, the resume guard, unreadable
 images. Tiny VAR runs (depth 1, width 64, 16 px, patch_nums (1,2,3,4)) through the real `train` command; the runs
-share the session's persistent compilation cache (tests/conftest.py), so only the first one compiles."""
+share a persistent compilation cache, so only the first one compiles."""
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -15,10 +16,21 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO_ROOT, subprocess_env
+from conftest import REPO_ROOT
 from var_jax.cli import main
 
 STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("jax_cache")
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    yield path
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
 
 
 def train_args(workdir, tokenizer, *extra, steps=STEPS):
@@ -47,7 +59,7 @@ def assert_trees_equal(a, b):
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, tokenizer_dir):
+def straight(tmp_path_factory, tokenizer_dir, cache_dir):
     workdir = tmp_path_factory.mktemp("straight") / "run"
     assert main(train_args(workdir, tokenizer_dir)) == 0
     return workdir
@@ -171,7 +183,7 @@ def test_resume_guard_refuses_another_run_before_writing(tmp_path, tokenizer_dir
     assert (workdir / "checkpoints" / "run_config.json").is_file()
 
 
-def test_unreadable_images_are_skipped_and_counted(tmp_path, tokenizer_dir):
+def test_unreadable_images_are_skipped_and_counted(tmp_path, tokenizer_dir, cache_dir):
     root = tmp_path / "images"
     rng = np.random.default_rng(0)
     for label in ("a", "b"):
@@ -187,8 +199,9 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path, tokenizer_dir):
     assert got == [1, 2]                 # 8 files, batch 8: the bad one is met once per epoch
 
 
-def test_sigterm_saves_exits_and_resumes_to_equal_losses(tmp_path, tokenizer_dir, straight):
-    env = subprocess_env()
+def test_sigterm_saves_exits_and_resumes_to_equal_losses(tmp_path, tokenizer_dir, straight, cache_dir):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]),
+               JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     cmd = [sys.executable, "-m", "var_jax", *train_args(tmp_path, tokenizer_dir, "--config.checkpoint_every=1000")]
     proc = subprocess.Popen(cmd, env=env, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                             text=True)

@@ -165,8 +165,8 @@ def train_args(workdir: str, tokenizer: str):
 
 def test_train_killed_and_resumed_sample_eval_and_scaling_on_a_bucket(emulator, tokenizer_dir, tmp_path):
     _, env = emulator
-    # (os.environ's compilation cache, the session's, stays local)
-    env = {**env, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])}
+    env = {**env, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]),
+           "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     upload_dir(tokenizer_dir, "tokenizer")
     run_dir = "sweep/d2"
     command = [sys.executable, "-m", "var_jax", *train_args(gs(run_dir), gs("tokenizer"))]

@@ -9,6 +9,7 @@ is the same arithmetic, so the losses compare bit for bit. A run killed after it
 copy of a finished run's workdir without the later checkpoints and model/, which is what SIGKILL leaves
 (metrics.jsonl is cut back on resume)."""
 import json
+import os
 import random
 import shutil
 import signal
@@ -22,11 +23,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, device_flags, subprocess_env
+from conftest import REPO_ROOT
 from var_jax.data.pipeline import TrainBatches, checkpoint_save_args, make_dataset
 
 STEPS = 8
 TOKENIZER_STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """One persistent compilation cache for the module's runs: those on the same devices compile once."""
+    return tmp_path_factory.mktemp("jax_cache")
 
 
 def train_command(workdir, tokenizer, *extra):
@@ -40,15 +47,18 @@ def var_args(workdir, tokenizer, *extra):
             "--config.checkpoint_every=2", "--config.keep_checkpoints=20", "--config.sample_every=0", *extra]
 
 
-def environment(devices=2):
-    """The runs' environment: the session's compilation cache (tests/conftest.py), so those on the same devices
-    compile once, and its XLA flags, so that every run compiles the same arithmetic."""
-    return subprocess_env(XLA_FLAGS=device_flags(devices))
+def environment(cache, devices=2):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")])
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    return env
 
 
-def two_processes(args, log_dir):
+def two_processes(args, cache, log_dir):
     """(argv, env) of launch/local_multiprocess.sh: 2 CPU processes × 1 device."""
-    env = dict(environment(), NUM_PROCESSES="2", DEVICES_PER_PROCESS="1", LOG_DIR=str(log_dir),
+    env = dict(environment(cache), NUM_PROCESSES="2", DEVICES_PER_PROCESS="1", LOG_DIR=str(log_dir),
                PORT=str(13000 + random.randrange(2000)), PYTHON=sys.executable)
     return ["bash", "launch/local_multiprocess.sh", *args], env
 
@@ -85,16 +95,16 @@ def resumed_from(stdout):
 
 
 @pytest.fixture(scope="module")
-def straight(tmp_path_factory, tokenizer_dir):
+def straight(tmp_path_factory, tokenizer_dir, cache_dir):
     """The uninterrupted run: 1 process × 2 devices, 2 grain workers."""
     workdir = tmp_path_factory.mktemp("straight") / "run"
-    run(train_command(workdir, tokenizer_dir, "--config.data.worker_count=2"), environment())
+    run(train_command(workdir, tokenizer_dir, "--config.data.worker_count=2"), environment(cache_dir))
     assert [s for s, _, _ in losses(workdir)] == list(range(1, STEPS + 1))
     return workdir
 
 
-def test_sigkill_resume_mesh_change_and_config_mismatch(tmp_path, tokenizer_dir, straight):
-    env = environment()
+def test_sigkill_resume_mesh_change_and_config_mismatch(tmp_path, tokenizer_dir, cache_dir, straight):
+    env = environment(cache_dir)
     want = losses(straight)
 
     # 1. SIGKILL at a random step (after at least one checkpoint was committed), then rerun: identical losses
@@ -136,7 +146,7 @@ def test_sigkill_resume_mesh_change_and_config_mismatch(tmp_path, tokenizer_dir,
     assert "different model" in bad.stderr and "var.width" in bad.stderr
 
 
-def test_resume_on_another_process_count_and_worker_count(tmp_path, tokenizer_dir, straight):
+def test_resume_on_another_process_count_and_worker_count(tmp_path, tokenizer_dir, cache_dir, straight):
     """1 process, W=2 (the uninterrupted run) -> 2 processes, W=0 -> 1 process, W=2, each from a random checkpoint
     of the run before: the uninterrupted losses, bit for bit."""
     want = losses(straight)
@@ -144,15 +154,26 @@ def test_resume_on_another_process_count_and_worker_count(tmp_path, tokenizer_di
     grown = tmp_path / "grown"
     keep_checkpoints_up_to(straight, grown, first)
     # checkpoints every step from here, for the next resume to choose from
-    out = run(*two_processes(var_args(grown, tokenizer_dir, "--config.checkpoint_every=1"), tmp_path))
+    out = run(*two_processes(var_args(grown, tokenizer_dir, "--config.checkpoint_every=1"), cache_dir, tmp_path))
     assert resumed_from(out.stdout) == first and losses(grown) == want
 
     second = random.randint(first + 1, STEPS - 1)
     shrunk = tmp_path / "shrunk"
     keep_checkpoints_up_to(grown, shrunk, second)
-    out = run(train_command(shrunk, tokenizer_dir, "--config.data.worker_count=2"), environment())
+    out = run(train_command(shrunk, tokenizer_dir, "--config.data.worker_count=2"), environment(cache_dir))
     assert resumed_from(out.stdout) == second and losses(shrunk) == want
     assert (shrunk / "model" / "config.json").is_file()
+
+
+@pytest.fixture
+def in_process_cache(cache_dir):
+    """The module's compilation cache for runs in this process."""
+    before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    yield
+    jax.config.update("jax_compilation_cache_dir", before[0])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
 
 
 def tokenizer_args(workdir, *extra):
@@ -163,10 +184,9 @@ def tokenizer_args(workdir, *extra):
             "--config.tokenizer.ch_mult=(1,2,2)", "--config.tokenizer.vocab_size=64", *extra]
 
 
-def test_tokenizer_stage_resumes_with_another_worker_count(tmp_path, capsys):
+def test_tokenizer_stage_resumes_with_another_worker_count(tmp_path, in_process_cache, capsys):
     """The tokenizer stage shares the trainer: W=0, uninterrupted; a random checkpoint of it resumed with W=2.
-    In this process (one device) with the session's compilation cache, so its step, the slowest of the two stages
-    to compile, compiles once."""
+    In this process (one device), so its step, the slowest of the two stages to compile, compiles once."""
     from var_jax.cli import main
     uninterrupted = tmp_path / "straight"
     assert main(["train", *tokenizer_args(uninterrupted)]) == 0

@@ -108,7 +108,7 @@ def test_local_multiprocess_launcher(tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO_ROOT, device_flags, subprocess_env
+    from conftest import REPO_ROOT
     from flax import nnx
 
     from var_jax.checkpoints import save_model_dir
@@ -122,13 +122,13 @@ def test_local_multiprocess_launcher(tmp_path):
             "--config.total_steps=3", "--config.log_every=1", "--config.sample_every=0", "--config.mesh=(2,2,1)",
             # class dropout is drawn per row of the global batch: the hosts' blocks must rebuild its row order
             "--config.model.cond_drop_rate=0.5"]
-    env = subprocess_env(LOG_DIR=str(tmp_path), PORT=str(12000 + os.getpid() % 1000))
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), LOG_DIR=str(tmp_path), PORT=str(12000 + os.getpid() % 1000))
     multi = subprocess.run(["bash", "launch/local_multiprocess.sh", *args, "--workdir", str(tmp_path / "multi")],
                            cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert multi.returncode == 0, multi.stderr[-3000:]
     single = subprocess.run([sys.executable, "-m", "var_jax", "train", *args, "--workdir", str(tmp_path / "single")],
                             cwd=REPO_ROOT, capture_output=True, text=True, timeout=900,
-                            env=dict(env, XLA_FLAGS=device_flags(4)))
+                            env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=4"))
     assert single.returncode == 0, single.stderr[-3000:]
     read = lambda d: [json.loads(line)["loss"] for line in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
     assert len(read("multi")) == 3
