@@ -62,23 +62,26 @@ def filter_logits(logits, top_k: int = 0, top_p: float = 0.0):
     top-p's argsort, a scatter back): one stable ascending sort of (logit, index) gives both the k-th largest
     logit and top-p's order. Entries below the k-th largest only ever sit at the front of the order (−inf, zero
     probability, always dropped), so masking them after the sort leaves the sorted values and every cumulative sum
-    bit for bit what top_p_mask computes. The cumulative sum never decreases, so the dropped entries are a prefix
-    of m positions of the order: entry v is dropped iff (logit_v, v) comes before (value, index) at position m."""
+    bit for bit what top_p_mask computes.
+
+    Every keep / drop decision is made in sorted order and carried back by rank (a second sort inverts the
+    permutation), never by comparing the logits with their sorted copy: inside a large jitted program XLA:CPU may
+    compute the logits twice with different rounding (e.g. the guidance mix), and such a comparison then drops
+    entries that the sorted order keeps (seen: whole rows −inf in a guided top-p sampler)."""
     vocab = logits.shape[-1]
     if top_p <= 0:
         return top_k_mask(logits, top_k)
-    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
-    sorted_logits, order = jax.lax.sort((logits, index), dimension=logits.ndim - 1, num_keys=1, is_stable=True)
+    axis = logits.ndim - 1
+    index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, axis)
+    sorted_logits, order = jax.lax.sort((logits, index), dimension=axis, num_keys=1, is_stable=True)
+    drop_sorted = jnp.zeros(logits.shape, bool)
     if 0 < top_k < vocab:
-        kth_largest = sorted_logits[..., vocab - top_k:vocab - top_k + 1]
-        logits = jnp.where(logits < kth_largest, -jnp.inf, logits)
-        sorted_logits = jnp.where(sorted_logits < kth_largest, -jnp.inf, sorted_logits)
+        drop_sorted = sorted_logits < sorted_logits[..., vocab - top_k:vocab - top_k + 1]
+        sorted_logits = jnp.where(drop_sorted, -jnp.inf, sorted_logits)
     cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-    dropped = (cumulative <= 1 - top_p).at[..., -1].set(False).sum(-1, keepdims=True)   # m ≤ V − 1
-    first_kept = jnp.take_along_axis(sorted_logits, dropped, axis=-1)
-    first_kept_index = jnp.take_along_axis(order, dropped, axis=-1)
-    drop = (logits < first_kept) | ((logits == first_kept) & (index < first_kept_index))
-    return jnp.where(drop, -jnp.inf, logits)
+    drop_sorted = drop_sorted | (cumulative <= 1 - top_p).at[..., -1].set(False)
+    _, rank = jax.lax.sort((order, index), dimension=axis, num_keys=1)   # rank[v]: v's position in the order
+    return jnp.where(jnp.take_along_axis(drop_sorted, rank, axis=-1), -jnp.inf, logits)
 
 
 def smooth_tau(ratio):
