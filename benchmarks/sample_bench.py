@@ -51,16 +51,25 @@ def _timed(fn):
     return time.perf_counter() - start
 
 
-def transformer_flops(cfg, rows: int) -> float:
-    """Matmul FLOPs of one sampling pass over all scales (exact shapes): per token and layer 24·C² (qkv 6C²,
-    proj 2C², FFN 16C²) plus attention 4·C·kv_len, the head 2·C·V, and per scale and row the AdaLN projections."""
+def pass_flops(cfg, tokens: int, attention, scale_tokens: int | None = None) -> float:
+    """Matmul FLOPs of one transformer pass of one row: `tokens` through every layer, 24·C² each (qkv 6C², proj
+    2C², FFN 16C²), attention 4·C per (query, key) pair of the (queries, keys) groups in `attention`, the AdaLN
+    projections, and the word embedding and head over `scale_tokens` (default `tokens`; more where a pass computes
+    only some of its scale's tokens, see benchmarks/accelerate.py)."""
     C, V, depth = cfg.width, cfg.vocab_size, cfg.depth
+    scale_tokens = tokens if scale_tokens is None else scale_tokens
+    per_layer = (2 * tokens * C * (3 * C + C + 2 * cfg.mlp_hidden) + sum(4 * q * k * C for q, k in attention)
+                 + 2 * C * 6 * C)
+    return depth * per_layer + 2 * scale_tokens * C * V + 2 * C * 2 * C + 2 * scale_tokens * cfg.z_channels * C
+
+
+def transformer_flops(cfg, rows: int) -> float:
+    """Matmul FLOPs of one sampling pass over all scales (exact shapes): each scale's pass attends to every token
+    so far (useful work only)."""
     total, kv = 0.0, 0
     for pn in cfg.patch_nums:
-        q = pn * pn
-        kv += q
-        per_layer = 2 * q * C * (3 * C + C + 2 * cfg.mlp_hidden) + 4 * q * kv * C + 2 * C * 6 * C
-        total += depth * per_layer + 2 * q * C * V + 2 * C * 2 * C + 2 * q * cfg.z_channels * C
+        kv += pn * pn
+        total += pass_flops(cfg, pn * pn, [(pn * pn, kv)])
     return rows * total
 
 

@@ -142,11 +142,12 @@ def parse_args(argv):
 # ---- parameters -----------------------------------------------------------------------------------------------
 
 def _var_dict(depth: int, width: int, order: str, adaln: bool, vocab: int, latent_ch: int, patch_nums,
-              num_classes: int) -> dict:
+              num_classes: int, **fields) -> dict:
+    """The VARConfig of a row as a dict; `fields`: further VARConfig fields (e.g. head, launch/bitwise_ablations.py)."""
     from var_jax.transformer import VARConfig
     import dataclasses
     cfg = VARConfig(depth=depth, width=width, heads=depth, vocab_size=vocab, z_channels=latent_ch,
-                    patch_nums=tuple(patch_nums), num_classes=num_classes, adaln=adaln, order=order)
+                    patch_nums=tuple(patch_nums), num_classes=num_classes, adaln=adaln, order=order, **fields)
     return dataclasses.asdict(cfg)
 
 

@@ -1,7 +1,9 @@
 """What the commands share: the one-line user error, option parsers, and the option groups several commands take
-(mesh, run settings, sampling options, hosts). Heavy imports stay inside the functions, so `--help` stays quick."""
+(mesh, run settings, sampling options and accelerators, hosts). Heavy imports stay inside the functions, so
+`--help` stays quick."""
 import argparse
 import math
+import re
 import sys
 
 from var_jax.paths import StorageUnavailable
@@ -100,3 +102,54 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--coordinator_address", default=None, help="host:port of process 0 (multi-process)")
     parser.add_argument("--num_processes", type=int, default=None)
     parser.add_argument("--process_id", type=int, default=None)
+
+
+def add_accelerator_arguments(parser: argparse.ArgumentParser) -> None:
+    """sample's and edit's sampling accelerators (var_jax/sample/accelerate.py); every one is off by default."""
+    group = parser.add_argument_group("sampling accelerators (off by default; each trades quality for speed or "
+                                      "memory: benchmarks/accelerate.py measures both)")
+    group.add_argument("--cfg-stop-scale", type=int, default=None, metavar="K",
+                       help="from scale K (0-based) on run only the conditional rows, unguided: up to half the work "
+                       "of those scales; trades the late scales' guidance (K = the number of scales = guidance "
+                       "everywhere)")
+    group.add_argument("--refiner", default=None, metavar="CKPT",
+                       help="a second (smaller) model of the same tokenizer that draws the scales from "
+                       "--draft-scales on, after prefilling its KV cache over the drafted ones in one pass (CoDe): "
+                       "the late scales hold most of the work; trades --checkpoint's detail for the refiner's speed")
+    group.add_argument("--draft-scales", type=int, default=None, metavar="N",
+                       help="with --refiner: --checkpoint draws scales 0..N-1, the refiner the rest")
+    group.add_argument("--prune", default=None, metavar="SI:R,...",
+                       help="cached token pruning (FastVAR-style): at scale SI every block computes only its "
+                       "L - floor(L*R) tokens farthest from the scale's mean token, the rest take the last unpruned "
+                       "scale's block output, upsampled; only kept keys are stored. Fewer FLOPs and keys at the "
+                       "large scales; trades detail in flat regions. E.g. 8:0.5,9:0.75")
+    group.add_argument("--kv-window", default=None, metavar="C,W",
+                       help="scale s attends to scales [0, C) and [s-W, s] only and the KV cache holds only those: "
+                       "less cache memory and attention work; trades long-range context. E.g. 1,2")
+
+
+def accelerators_from_args(args, model_config: dict):
+    """The sample.accelerate.Accelerators of the options above, checked against the model's config.json (and the
+    refiner's) before anything loads; a CommandError in one line otherwise."""
+    from var_jax.checkpoints import CheckpointError, read_model_config
+    from var_jax.sample.accelerate import Accelerators, check_refiner_config, parse_kv_window, parse_prune
+    from var_jax.transformer.config import VARConfig
+    try:
+        accel = Accelerators(cfg_stop_scale=args.cfg_stop_scale, draft_scales=args.draft_scales,
+                             prune=() if args.prune is None else parse_prune(args.prune),
+                             kv_window=None if args.kv_window is None else parse_kv_window(args.kv_window))
+        var_cfg = VARConfig.from_dict(model_config["var"])
+        try:
+            accel.validate(var_cfg.num_scales, guided=args.cfg != 0, refiner=args.refiner is not None,
+                           order=var_cfg.order)
+        except ValueError as e:   # the settings' names as this command spells them
+            option = lambda m: "--" + m.group(0).replace("_", "-")
+            raise ValueError(re.sub(r"\b(cfg_stop_scale|draft_scales|prune|kv_window|cfg)\b", option, str(e))) from None
+        if args.refiner is not None:
+            try:
+                check_refiner_config(model_config, read_model_config(args.refiner))
+            except (CheckpointError, OSError, ValueError) as e:
+                raise ValueError(f"--refiner {args.refiner}: {e}") from None
+    except ValueError as e:
+        raise CommandError(str(e)) from None
+    return accel

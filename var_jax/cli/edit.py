@@ -9,13 +9,15 @@ The marked region is a box (y0,x0,y1,x1 as fractions of the image side) or the w
 size as the image). inpaint regenerates the marked region and keeps the rest; outpaint keeps the marked region and
 regenerates everything around it. Without --class the model fills in unconditionally; with --class the regenerated
 part is drawn towards that class. Images that are not the model's size are resized (shorter side) and centre-
-cropped, the mask with them.
+cropped, the mask with them. The sampling accelerators of `sample` (--cfg-stop-scale, --refiner/--draft-scales,
+--prune, --kv-window; off by default) apply here too.
 """
 from __future__ import annotations
 
 import argparse
 
-from var_jax.cli.common import CommandError, add_run_settings_arguments, run_settings_from_args
+from var_jax.cli.common import (CommandError, accelerators_from_args, add_accelerator_arguments,
+                                add_run_settings_arguments, run_settings_from_args)
 from var_jax.paths import atomic_write, user_path
 
 
@@ -36,6 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="output PNG")
     add_run_settings_arguments(parser)
+    add_accelerator_arguments(parser)
 
 
 def _read(path: str, what: str):
@@ -84,11 +87,13 @@ def run(args):
     if out.is_dir():
         raise CommandError(f"--out {out} is a directory; give an image file name such as edited.png")
     try:
-        var_config = read_model_config(args.checkpoint).get("var")
+        model_config = read_model_config(args.checkpoint)
     except (CheckpointError, OSError) as e:
         raise CommandError(str(e)) from None
-    if not var_config:
-        raise CommandError(f"{args.checkpoint} has no VAR transformer; editing needs one")
+    var_config = model_config.get("var")
+    if not var_config or not model_config.get("tokenizer"):
+        raise CommandError(f"{args.checkpoint} needs both a tokenizer and a VAR transformer to edit")
+    accel = accelerators_from_args(args, model_config)
     num_classes = int(var_config.get("num_classes", 1000))
     if args.class_id is not None and not 0 <= args.class_id < num_classes:
         raise CommandError(f"--class {args.class_id} out of range: this model has classes 0..{num_classes - 1} "
@@ -106,16 +111,19 @@ def run(args):
     from var_jax.sample.edit import edit
     from var_jax.sample.sampler import SampleOptions
     try:
-        bundle = load_model_dir(args.checkpoint, run_settings=run_settings_from_args(args))
+        run_settings = run_settings_from_args(args)
+        bundle = load_model_dir(args.checkpoint, run_settings=run_settings)
+        refiner = None if args.refiner is None else load_model_dir(args.refiner, run_settings=run_settings)
     except (CheckpointError, OSError) as e:
         raise CommandError(str(e)) from None
     size = bundle.tokenizer_config.image_size
     if mask is not None:
         mask = _fit(mask, size)[..., 0].astype(np.float32) / 255.0
     try:
-        options = SampleOptions(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth)
+        options = SampleOptions(cfg=args.cfg, top_k=args.top_k, top_p=args.top_p, more_smooth=args.more_smooth,
+                                accel=accel)
         result = edit(bundle, _fit(image, size), box=box, mask=mask, mode=args.mode, label=args.class_id,
-                      seed=args.seed, options=options)
+                      seed=args.seed, options=options, refiner=refiner)
     except ValueError as e:
         raise CommandError(str(e)) from None
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,11 @@ PNG grid.
   python -m var_jax sample --checkpoint runs/model --num-per-class 50 --batch-size 64 --out samples/fid50k
 
 The defaults are the reference FID setting (cfg 1.5 with the linear ramp, top-k 900, top-p 0.96, no smoothing).
+Sampling accelerators are off unless asked for (--cfg-stop-scale, --refiner/--draft-scales, --prune, --kv-window;
+--help says what each trades), e.g. d30 drafting the first 8 scales and d16 refining, unguided from scale 8:
+
+  python -m var_jax sample --checkpoint checkpoints/d30 --refiner checkpoints/d16 --draft-scales 8 \
+      --cfg-stop-scale 8 --num-per-class 50 --out samples/d30_d16
 Finished batches are written to OUT/shards/ as they complete; rerunning the same command after an interruption
 skips them and continues. Image i always uses the random stream (seed, i), so the batch size and the number of
 devices do not change the images. A rerun is tied to the model's content (run.json holds its sha256, see
@@ -14,13 +19,20 @@ Several hosts (--distributed, or --coordinator_address/--num_processes/--process
 samples every num_processes-th batch on its own devices (--mesh then describes one host's devices) and writes
 those shards; process 0 then assembles samples.npz. OUT must be a directory all hosts share (gs://, NFS). The
 images are those of a single-host run with the same seed.
+
+Bitwise models (model.head='bitwise' over a BSQ tokenizer, Infinity's) draw every bit of a token from its own
+two-way softmax, with the same options applied per bit: --cfg mixes each bit's two logits as it mixes token
+logits; --top-k counts a bit's two values (1 = greedy, the likelier value; 2 or more, e.g. the default 900, keeps
+both); --top-p drops a bit's rarer value when its probability is at most 1 - top_p; --more-smooth gives soft codes
+(Gumbel-softmax over the two values). Index heads over a BSQ tokenizer sample tokens as over a VQ one.
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
-from var_jax.cli.common import (CommandError, add_distributed_arguments, add_mesh_argument, add_run_settings_arguments,
-                         check_sampling_args, parse_int_list, parse_mesh, run_settings_from_args)
+from var_jax.cli.common import (CommandError, accelerators_from_args, add_accelerator_arguments,
+                                add_distributed_arguments, add_mesh_argument, add_run_settings_arguments,
+                                check_sampling_args, parse_int_list, parse_mesh, run_settings_from_args)
 from var_jax.cli.reruns import check_same_settings
 from var_jax.paths import atomic_write, user_path
 
@@ -47,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser):
                         "fastest, see benchmarks/sample_bench.py); every mode gives the same images")
     add_mesh_argument(parser)
     parser.add_argument("--out", required=True, help="output directory: samples.npz, grid.png, shards/")
+    add_accelerator_arguments(parser)
     add_run_settings_arguments(parser)
     add_distributed_arguments(parser)
 
@@ -135,6 +148,7 @@ def run(args):
         raise CommandError(f"{args.checkpoint} needs both a tokenizer and a VAR transformer to sample")
     num_classes = int(config["var"].get("num_classes", 1000))
     labels = plan_labels(args.classes, args.num_per_class, num_classes)
+    accel = accelerators_from_args(args, config)
     maybe_initialize_distributed(args)
 
     import jax
@@ -146,7 +160,7 @@ def run(args):
 
     try:
         options = SampleOptions(cfg=args.cfg, cfg_schedule=args.cfg_schedule, top_k=args.top_k, top_p=args.top_p,
-                                more_smooth=args.more_smooth, mode=args.mode or DEFAULT_MODE).validate()
+                                more_smooth=args.more_smooth, mode=args.mode or DEFAULT_MODE, accel=accel).validate()
         # hosts sample different batches independently: each one's mesh is its own devices
         mesh = make_mesh(parse_mesh(args.mesh), devices=jax.local_devices())
     except ValueError as e:
@@ -163,6 +177,13 @@ def run(args):
                   "batch_size": args.batch_size, "cfg": args.cfg, "cfg_schedule": args.cfg_schedule,
                   "top_k": args.top_k, "top_p": args.top_p, "more_smooth": args.more_smooth,
                   "labels_sha1": hashlib.sha1(labels.tobytes()).hexdigest(), "num_images": int(len(labels))}
+    if accel.active:   # recorded only when on: a plain run's run.json is what it always was
+        run_config["accelerators"] = accel.describe()
+    if args.refiner is not None:
+        try:
+            run_config["refiner_sha256"] = model_fingerprint(args.refiner)
+        except (CheckpointError, OSError) as e:
+            raise CommandError(f"--refiner {args.refiner}: {e}") from None
     writer = jax.process_index() == 0
     # only process 0 records run.json; the others refuse a different run already there just as it does
     check_same_settings(out, RUN_FILE, run_config, "an unfinished run", "--out", record=writer)
@@ -173,10 +194,15 @@ def run(args):
     if todo:
         try:
             bundle = load_model_dir(args.checkpoint, mesh=mesh, run_settings=run_settings)
+            refiner = None if args.refiner is None else load_model_dir(args.refiner, mesh=mesh,
+                                                                          run_settings=run_settings)
         except (CheckpointError, OSError) as e:
             raise CommandError(str(e)) from None
-        sampler = Sampler(bundle, options, mesh)
-        del bundle   # the sampler holds what it needs; this frees the tokenizer encoder's weights
+        try:
+            sampler = Sampler(bundle, options, mesh, refiner=refiner)
+        except ValueError as e:
+            raise CommandError(f"--refiner {args.refiner}: {e}") from None
+        del bundle, refiner   # the sampler holds what it needs; this frees the tokenizers' encoder weights
         total = sum(b - a for _, a, b in mine)
         with tqdm(total=total, initial=total - sum(b - a for a, b in todo), unit="img", desc="sampling",
                   disable=not writer) as progress:

@@ -53,8 +53,9 @@ def keep_mask_for(latent_size: int, mode: str, box=None, mask=None) -> np.ndarra
 
 
 def edit(bundle, image: np.ndarray, *, box=None, mask=None, mode: str = "inpaint", label: int | None = None,
-         seed: int = 0, options: SampleOptions = EDIT_OPTIONS, mesh=None) -> dict:
-    """Edit one uint8 (H, W, 3) image (H = W = the tokenizer's image size).
+         seed: int = 0, options: SampleOptions = EDIT_OPTIONS, mesh=None, refiner=None) -> dict:
+    """Edit one uint8 (H, W, 3) image (H = W = the tokenizer's image size). options.accel and `refiner` (a
+    model bundle of the same tokenizer, with options.accel.draft_scales) are the sampling accelerators.
 
     Returns {'image': uint8 (H, W, 3), 'tokens': per-scale (1, pn²) tokens of the result, 'source_tokens': those
     of the input, 'keep': per-scale (pn, pn) bool keep masks}."""
@@ -66,5 +67,5 @@ def edit(bundle, image: np.ndarray, *, box=None, mask=None, mode: str = "inpaint
         raise ValueError(f"class {label} out of range: this model has classes 0..{bundle.var_config.num_classes - 1}"
                          f" ({bundle.var_config.num_classes} or none = unconditional)")
     edit_inputs = (src, [k.reshape(1, -1) for k in keep])
-    out = Sampler(bundle, options, mesh)(np.asarray([label]), seed=seed, edit=edit_inputs)
+    out = Sampler(bundle, options, mesh, refiner=refiner)(np.asarray([label]), seed=seed, edit=edit_inputs)
     return {"image": out["images"][0], "tokens": out["tokens"], "source_tokens": src, "keep": keep}

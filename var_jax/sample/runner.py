@@ -17,6 +17,7 @@ from flax import nnx
 
 from var_jax.host_memory import release_freed_memory
 from var_jax.images import to_uint8
+from var_jax.sample.accelerate import check_same_tokenizer
 from var_jax.sample.sampler import SampleOptions, make_sample_fn
 from var_jax.sharding import batch_sharding, data_parallel_size, state_shardings
 from var_jax.tokenizer.vqvae import split_for_decoding
@@ -39,7 +40,10 @@ def check_labels(labels, num_classes: int, allow_null: bool = True) -> np.ndarra
 class Sampler:
     """Compiled sampler of one model bundle and one set of options (compiles once per batch shape)."""
 
-    def __init__(self, bundle, options: SampleOptions = SampleOptions(), mesh=None, *, with_logits: bool = False):
+    def __init__(self, bundle, options: SampleOptions = SampleOptions(), mesh=None, *, with_logits: bool = False,
+                 refiner=None):
+        """refiner: the model bundle (a VAR, its tokenizer optional) drawing the scales from
+        options.accel.draft_scales on; a tokenizer it carries must be the main model's."""
         if bundle.var is None or bundle.tokenizer is None:
             raise ValueError("sampling needs a model directory with both a tokenizer and a VAR transformer")
         self.options = options.validate()
@@ -52,8 +56,15 @@ class Sampler:
             var_state = jax.device_put(var_state, state_shardings(var_state, mesh))
             tok_state = jax.device_put(tok_state, state_shardings(tok_state, mesh))
         self._states = (var_state, tok_state)
+        refiner_graphdef, self._refiner_state = None, None
+        if refiner is not None:
+            check_same_tokenizer(bundle, refiner)
+            refiner_graphdef, self._refiner_state = nnx.split(refiner.var)
+            if mesh is not None:
+                self._refiner_state = jax.device_put(self._refiner_state,
+                                                     state_shardings(self._refiner_state, mesh))
         self._fn = make_sample_fn(var_graphdef, tok_graphdef, self.options, with_logits=with_logits,
-                                  encoder_spec=encoder_spec)
+                                  encoder_spec=encoder_spec, refiner_graphdef=refiner_graphdef)
         self._compiled = {}
         self._with_logits = with_logits
 
@@ -79,7 +90,7 @@ class Sampler:
         args = [self._place(pad(labels)), self._place(pad(image_ids.astype(np.uint32)))]
         if edit is not None:
             edit = jax.tree.map(lambda x: self._place(pad(np.asarray(x))), edit)
-        args = (*self._states, *args, np.uint32(seed), edit)
+        args = (*self._states, *args, np.uint32(seed), edit, self._refiner_state)
         with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
             key = (padded, edit is None)
             if key not in self._compiled:

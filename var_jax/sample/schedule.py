@@ -52,22 +52,40 @@ def _segment(patch_nums, starts, scales) -> Segment:
     return Segment(tuple(scales), tuple(patch_nums[s] for s in scales), tuple(starts[s] for s in scales))
 
 
-def scale_plan(patch_nums, mode: str = "grouped", waste_budget: float = DEFAULT_WASTE_BUDGET) -> tuple[Segment, ...]:
-    """Segments covering every scale in order. `waste_budget` (grouped mode) bounds the total padding."""
+def scale_plan(patch_nums, mode: str = "grouped", waste_budget: float = DEFAULT_WASTE_BUDGET, *,
+               cuts=(), unrolled_from: int | None = None) -> tuple[Segment, ...]:
+    """Segments covering every scale in order. `waste_budget` (grouped mode) bounds the total padding.
+
+    `cuts`: scales where a segment must begin (the sampler changes its batch rows or its model there);
+    `unrolled_from`: scales from this one on always run unrolled (their steps need exact, static shapes).
+    Without them the plan is the mode's plain plan."""
     patch_nums = tuple(int(p) for p in patch_nums)
     if any(b <= a for a, b in zip(patch_nums, patch_nums[1:])):
         raise ValueError(f"patch_nums must be strictly increasing, got {patch_nums}")
+    if mode not in MODES:
+        raise ValueError(f"sampler mode must be one of {MODES}, got {mode!r}")
     starts = [begin for begin, _ in scale_begin_ends(patch_nums)]
     num = len(patch_nums)
-    if mode == "unrolled":
-        return tuple(_segment(patch_nums, starts, [s]) for s in range(num))
-    if mode == "scanned":
-        return (_segment(patch_nums, starts, range(num)),)
-    if mode != "grouped":
-        raise ValueError(f"sampler mode must be one of {MODES}, got {mode!r}")
-    budget = waste_budget * prefix_len(patch_nums)
-    segments, current, spent = [], [0], 0
-    for s in range(1, num):
+    free_end = num if unrolled_from is None else max(0, min(num, unrolled_from))
+    bounds = sorted({0, free_end} | {c for c in cuts if 0 < c < free_end})
+    budget, spent, segments = waste_budget * prefix_len(patch_nums), 0, []
+    for lo, hi in zip(bounds, bounds[1:]):
+        if mode == "unrolled":
+            segments += [_segment(patch_nums, starts, [s]) for s in range(lo, hi)]
+        elif mode == "scanned":
+            segments.append(_segment(patch_nums, starts, range(lo, hi)))
+        else:
+            piece, spent = _grouped(patch_nums, starts, lo, hi, budget, spent)
+            segments += piece
+    segments += [_segment(patch_nums, starts, [s]) for s in range(free_end, num)]
+    return tuple(segments)
+
+
+def _grouped(patch_nums, starts, lo: int, hi: int, budget: float, spent: float):
+    """Grouped mode over scales [lo, hi): runs of scales scanned while the padding stays within what is left of
+    the budget, the rest unrolled. Returns (segments, budget spent so far)."""
+    segments, current = [], [lo]
+    for s in range(lo + 1, hi):
         candidate = _segment(patch_nums, starts, current + [s])
         extra = candidate.padding - _segment(patch_nums, starts, current).padding
         if spent + extra <= budget:
@@ -77,7 +95,7 @@ def scale_plan(patch_nums, mode: str = "grouped", waste_budget: float = DEFAULT_
             segments.append(_segment(patch_nums, starts, current))
             current = [s]
     segments.append(_segment(patch_nums, starts, current))
-    return tuple(segments)
+    return segments, spent
 
 
 def describe(plan) -> str:

@@ -1,6 +1,9 @@
-"""Hyper-parameters of the multi-scale residual VQ tokenizer (VQVAE).
+"""Hyper-parameters of the multi-scale residual tokenizer (VQVAE).
 
-Defaults are the released tokenizer `vae_ch160v4096z32.pth` at 256 px (VAR_REFERENCE.md §1).
+Defaults are the released tokenizer `vae_ch160v4096z32.pth` at 256 px (VAR_REFERENCE.md §1). `quantizer='bsq'`
+swaps VAR's codebook for Infinity's binary spherical quantizer (tokenizer/bsq.py): `bits` signs per position, a
+vocabulary of 2^bits with nothing learned, z_channels == bits (Infinity's encoder emits the bits' channels, no
+projection); with it z_channels and vocab_size may be left at -1 (derived from bits).
 """
 from __future__ import annotations
 
@@ -12,6 +15,13 @@ from var_jax.scale_config import PATCH_NUMS_256, ScaleScheduleConfig
 NORM_GROUPS = 32
 # |quant_resi| at or below this makes Phi the identity (the reference's threshold).
 IDENTITY_PHI_THRESHOLD = 1e-6
+# 'vq': VAR's nearest-code search in a learned codebook, Phi convs; 'bsq': Infinity's binary spherical quantizer
+QUANTIZERS = ("vq", "bsq")
+# A BSQ token is its bits packed into one int32 id (tokenizer/bsq.py), so at most 31 bits.
+MAX_BSQ_BITS = 31
+# Fields that only the BSQ quantizer reads, with their defaults: left out of `to_dict` while at them, so that a VQ
+# tokenizer's config (model directories, token sets, resume checks) reads exactly as before they existed.
+BSQ_FIELDS = {"quantizer": "vq", "bits": 0, "entropy_weight": 0.1, "inv_temperature": 100.0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,6 +39,10 @@ class TokenizerConfig(ScaleScheduleConfig):
     using_znorm: bool = False             # cosine-similarity code search instead of L2
     patch_nums: tuple[int, ...] = PATCH_NUMS_256
     dropout: float = 0.0
+    quantizer: str = "vq"                 # see QUANTIZERS
+    bits: int = 0                         # bsq: bits per position (Infinity's codebook_dim d); vq: 0
+    entropy_weight: float = 0.1           # bsq: weight of the entropy penalty (Infinity's entropy_weight)
+    inv_temperature: float = 100.0        # bsq: sharpness of the soft bit probabilities in the entropy terms
 
     def __post_init__(self):
         # JSON and argparse give lists; tuples keep the config hashable (a jit static argument).
@@ -36,6 +50,11 @@ class TokenizerConfig(ScaleScheduleConfig):
             value = getattr(self, name)
             if value is not None and not isinstance(value, tuple):
                 object.__setattr__(self, name, tuple(int(v) for v in value))
+        # bsq: -1 (or None) derives the latent width and the vocabulary from the bits
+        if self.quantizer == "bsq" and isinstance(self.bits, int) and 1 <= self.bits <= MAX_BSQ_BITS:
+            for name, value in (("z_channels", self.bits), ("vocab_size", 2 ** self.bits)):
+                if getattr(self, name) in (None, -1):
+                    object.__setattr__(self, name, value)
 
     # ---- derived quantities -------------------------------------------------------------------------------
     @property
@@ -60,7 +79,8 @@ class TokenizerConfig(ScaleScheduleConfig):
 
     @property
     def phi_is_identity(self) -> bool:
-        return abs(self.quant_resi) <= IDENTITY_PHI_THRESHOLD
+        """No Phi convs: |quant_resi| below the threshold, or the BSQ quantizer (which has none)."""
+        return self.quantizer == "bsq" or abs(self.quant_resi) <= IDENTITY_PHI_THRESHOLD
 
     @property
     def num_phi(self) -> int:
@@ -77,6 +97,7 @@ class TokenizerConfig(ScaleScheduleConfig):
         def fail(field, why):
             raise ValueError(f"TokenizerConfig.{field}: {why} (got {getattr(self, field)!r})")
 
+        self._validate_quantizer(fail)   # first: with bsq, a bad `bits` is what leaves z_channels / vocab_size unset
         for field in ("vocab_size", "z_channels", "ch", "num_res_blocks", "quant_conv_ks"):
             if int(getattr(self, field)) < 1:
                 fail(field, "must be a positive integer")
@@ -104,3 +125,27 @@ class TokenizerConfig(ScaleScheduleConfig):
                                f"{image_size / self.downsample:g} for {image_size} px images, "
                                f"which needs patch_nums[-1] * {self.downsample} == {image_size}")
         return self
+
+    def _validate_quantizer(self, fail):
+        if self.quantizer not in QUANTIZERS:
+            fail("quantizer", f"must be one of {QUANTIZERS}")
+        if self.quantizer == "vq":
+            if self.bits != 0:
+                fail("bits", "is read only with quantizer='bsq' (the vq tokenizer's vocabulary is vocab_size)")
+            return
+        if not isinstance(self.bits, int) or not 1 <= self.bits <= MAX_BSQ_BITS:
+            fail("bits", f"must be an integer in [1, {MAX_BSQ_BITS}] with quantizer='bsq' (a token is its bits "
+                         "packed into one int32 id)")
+        if self.z_channels != self.bits:
+            fail("z_channels", f"must equal bits={self.bits} with quantizer='bsq' (the encoder emits one channel per "
+                               "bit, as Infinity's; -1 derives it)")
+        if self.vocab_size != 2 ** self.bits:
+            fail("vocab_size", f"must be 2**bits = {2 ** self.bits} with quantizer='bsq' (-1 derives it)")
+        if self.entropy_weight < 0:
+            fail("entropy_weight", "must be >= 0")
+        if not self.inv_temperature > 0:
+            fail("inv_temperature", "must be > 0")
+
+    def to_dict(self):
+        """JSON-safe fields; the BSQ-only fields are left out while at their defaults (see BSQ_FIELDS)."""
+        return {k: v for k, v in super().to_dict().items() if not (k in BSQ_FIELDS and v == BSQ_FIELDS[k])}

@@ -67,8 +67,17 @@ def _param_flat_state(model: VQVAE):
     return nnx.to_flat_state(nnx.state(model, nnx.Param))
 
 
+def check_reference_quantizer(cfg: TokenizerConfig):
+    """The reference VQVAE quantizes with a codebook: a BSQ tokenizer (Infinity's, no codebook) has no layout."""
+    if cfg.quantizer != "vq":
+        raise ValueError(f"quantizer={cfg.quantizer!r} has no reference checkpoint layout: the reference VQVAE "
+                         "quantizes with a codebook, and BSQ (Infinity's) has none; train the tokenizer with var-jax "
+                         "instead of converting")
+
+
 def _reference_layout(model: VQVAE):
     """(reference key, our parameter path, index into the stacked Phi axis or None, our Variable) per tensor."""
+    check_reference_quantizer(model.cfg)
     phi_keys = _phi_keys(model.cfg)
     for path, var in _param_flat_state(model):
         if path == ("codebook",):

@@ -6,6 +6,11 @@ Feature maps are NHWC at the latent size h = w = cfg.patch_nums[-1]; token maps 
 The recursion (VAR_REFERENCE.md §1): for each scale si with side pn, quantize area(f_rest -> pn) to the nearest
 codes, bring their embeddings back to full size (bicubic; not at the last scale), apply Phi_si, and add the result
 to f_hat / subtract it from f_rest. Everything here runs in float32 whatever the caller's dtype.
+
+With `cfg.quantizer == 'bsq'` (Infinity's binary spherical quantizer, bsq.py) the public functions here dispatch to
+bsq.py: `qparams` is then empty (nothing is learned), tokens are the packed bits, "embeddings" are the ±1/√d codes,
+and the usage statistics are per bit. The transformer's next-scale input may then be resized bilinearly
+(Infinity) or by area (VAR): `resize` of next_scale_input / teacher_forcing_input, 'auto' = the quantizer's own.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from var_jax.tokenizer import bsq
 from var_jax.tokenizer.config import TokenizerConfig
 from var_jax.tokenizer.resize import area_resize, bicubic_resize
 
@@ -72,8 +78,29 @@ def embed_tokens(qparams: dict, tokens_Bl, pn: int):
     return jnp.take(qparams["codebook"], tokens_Bl, axis=0).reshape(b, pn, pn, -1)
 
 
+def embed_ids(qparams: dict, cfg: TokenizerConfig, ids):
+    """Token ids (...) -> their code vectors (..., C): codebook rows, or the BSQ codes of their bits."""
+    if cfg.quantizer == "bsq":
+        return bsq.ids_to_codes(ids, cfg.bits)
+    return jnp.take(qparams["codebook"], ids, axis=0)
+
+
+def code_vectors(qparams: dict, cfg: TokenizerConfig):
+    """(V, C) float32: the vector of every token id (a BSQ tokenizer's 2^d codes are built here, for index heads)."""
+    if cfg.quantizer == "bsq":
+        return bsq.code_table(cfg.bits)
+    return qparams["codebook"].astype(jnp.float32)
+
+
+def _embed_map(qparams: dict, cfg: TokenizerConfig, tokens_Bl, pn: int):
+    return embed_ids(qparams, cfg, tokens_Bl).reshape(tokens_Bl.shape[0], pn, pn, -1)
+
+
 def scale_contribution(qparams: dict, cfg: TokenizerConfig, si: int, h_BhwC):
-    """What scale si adds to f_hat: Phi_si(bicubic(h -> latent size)); no resize at the last scale."""
+    """What scale si adds to f_hat: Phi_si(bicubic(h -> latent size)); no resize at the last scale. BSQ: the codes
+    brought to the latent size bilinearly, no Phi."""
+    if cfg.quantizer == "bsq":
+        return bsq.scale_contribution(cfg, si, h_BhwC)
     if si != cfg.num_scales - 1:
         h_BhwC = bicubic_resize(h_BhwC, cfg.latent_size)
     return apply_phi(qparams, cfg, si, h_BhwC)
@@ -111,6 +138,8 @@ def _quantize_scales(qparams: dict, f, cfg: TokenizerConfig):
 def f_to_tokens(qparams: dict, f, cfg: TokenizerConfig):
     """f (B, h, w, C) -> (tokens: list of (B, pn²) int32, f_hats: list of the cumulative f_hat after each scale)."""
     _check_latent(f, cfg, "f_to_tokens")
+    if cfg.quantizer == "bsq":
+        return bsq.f_to_tokens(f, cfg)
     f = f.astype(jnp.float32)
     tokens, f_hats = [], []
     for t, _, f_hat in _quantize_scales(qparams, f, cfg):
@@ -124,33 +153,45 @@ def tokens_to_fhat(qparams: dict, tokens, cfg: TokenizerConfig, all_scales: bool
     _check_tokens(tokens, cfg, cfg.num_scales, "tokens_to_fhat")
     f_hat, f_hats = None, []
     for si, pn in enumerate(cfg.patch_nums):
-        h = scale_contribution(qparams, cfg, si, embed_tokens(qparams, tokens[si], pn))
+        h = scale_contribution(qparams, cfg, si, _embed_map(qparams, cfg, tokens[si], pn))
         f_hat = h if f_hat is None else f_hat + h
         f_hats.append(f_hat)
     return f_hats if all_scales else f_hat
 
 
-def next_scale_input(qparams: dict, cfg: TokenizerConfig, si: int, f_hat, h_BhwC):
+def resolve_resize(cfg: TokenizerConfig, resize: str = "auto") -> str:
+    """How the next scale's input is resized from f_hat: 'auto' is VAR's area for the VQ quantizer, Infinity's
+    bilinear for BSQ; 'area' / 'bilinear' as given."""
+    if resize == "auto":
+        return "bilinear" if cfg.quantizer == "bsq" else "area"
+    if resize not in bsq.NEXT_INPUT_RESIZES:
+        raise ValueError(f"next-scale input resize must be 'auto' or one of {bsq.NEXT_INPUT_RESIZES}, got {resize!r}")
+    return resize
+
+
+def next_scale_input(qparams: dict, cfg: TokenizerConfig, si: int, f_hat, h_BhwC, resize: str = "auto"):
     """One sampler step: add scale si's embedding map h (B, pn_si, pn_si, C) to f_hat.
 
-    Returns (f_hat, next_input) with next_input = area(f_hat -> pn_{si+1}) flattened to (B, pn_{si+1}², C),
-    or None after the last scale. h may be E[idx] or soft (Gumbel) embeddings.
+    Returns (f_hat, next_input) with next_input = area(f_hat -> pn_{si+1}) (see `resolve_resize`) flattened to
+    (B, pn_{si+1}², C), or None after the last scale. h may be E[idx] or soft (Gumbel) embeddings.
     """
     f_hat = f_hat + scale_contribution(qparams, cfg, si, h_BhwC.astype(jnp.float32))
     if si == cfg.num_scales - 1:
         return f_hat, None
     pn_next = cfg.patch_nums[si + 1]
-    return f_hat, area_resize(f_hat, pn_next).reshape(f_hat.shape[0], pn_next * pn_next, -1)
+    resized = bsq.resize_next_input(f_hat, pn_next, resolve_resize(cfg, resize))
+    return f_hat, resized.reshape(f_hat.shape[0], pn_next * pn_next, -1)
 
 
-def teacher_forcing_input(qparams: dict, tokens, cfg: TokenizerConfig):
+def teacher_forcing_input(qparams: dict, tokens, cfg: TokenizerConfig, resize: str = "auto"):
     """The transformer's input for every scale but the first: (B, L - pn0², C), from ground-truth tokens."""
     _check_tokens(tokens, cfg, cfg.num_scales - 1, "teacher_forcing_input")
     b, s = tokens[0].shape[0], cfg.latent_size
     f_hat = jnp.zeros((b, s, s, cfg.z_channels), jnp.float32)
     inputs = []
     for si in range(cfg.num_scales - 1):
-        f_hat, nxt = next_scale_input(qparams, cfg, si, f_hat, embed_tokens(qparams, tokens[si], cfg.patch_nums[si]))
+        f_hat, nxt = next_scale_input(qparams, cfg, si, f_hat,
+                                      _embed_map(qparams, cfg, tokens[si], cfg.patch_nums[si]), resize)
         inputs.append(nxt)
     if not inputs:
         return jnp.zeros((b, 0, cfg.z_channels), jnp.float32)
@@ -168,6 +209,8 @@ def quantize_for_training(qparams: dict, f, cfg: TokenizerConfig):
       hits      (num_scales, V) float32 code counts per scale, for `update_usage_ema` / `code_usage_percent`.
     """
     _check_latent(f, cfg, "quantize_for_training")
+    if cfg.quantizer == "bsq":
+        return bsq.quantize_for_training(f, cfg)
     f = f.astype(jnp.float32)
     f_sg = jax.lax.stop_gradient(f)
     loss, tokens, hits = 0.0, [], []
@@ -178,6 +221,19 @@ def quantize_for_training(qparams: dict, f, cfg: TokenizerConfig):
         hits.append(jnp.bincount(t.reshape(-1), length=cfg.vocab_size).astype(jnp.float32))
     f_hat_st = f + jax.lax.stop_gradient(f_hat - f)
     return f_hat_st, loss / cfg.num_scales, tokens, jnp.stack(hits)
+
+
+def usage_shape(cfg: TokenizerConfig) -> tuple[int, int]:
+    """Shape of the usage statistics: (num_scales, V) code hits, or with BSQ (num_scales, bits) counts of ones."""
+    return (cfg.num_scales, cfg.bits if cfg.quantizer == "bsq" else cfg.vocab_size)
+
+
+def usage_percent(cfg: TokenizerConfig, ema_SV, batch_size: int):
+    """Per scale, % of the codes used (`code_usage_percent`), or with BSQ of the bits used both ways
+    (`bsq.bit_usage_percent`), from the usage EMA of global batches of `batch_size` images."""
+    if cfg.quantizer == "bsq":
+        return bsq.bit_usage_percent(ema_SV, [batch_size * pn * pn for pn in cfg.patch_nums])
+    return code_usage_percent(ema_SV, batch_size * cfg.latent_size * cfg.latent_size)
 
 
 def update_usage_ema(ema_SV, hits_SV, num_updates):

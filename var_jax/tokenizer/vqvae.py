@@ -253,7 +253,8 @@ class Decoder(nnx.Module):
 
 
 class VQVAE(nnx.Module):
-    """Encoder -> quant_conv -> (multi-scale residual quantizer) -> post_quant_conv -> Decoder."""
+    """Encoder -> quant_conv -> (multi-scale residual quantizer: VQ, or BSQ with cfg.quantizer='bsq') ->
+    post_quant_conv -> Decoder."""
 
     def __init__(self, cfg: TokenizerConfig, *, rngs: nnx.Rngs):
         cfg.validate()
@@ -261,15 +262,16 @@ class VQVAE(nnx.Module):
         c = cfg.z_channels
         self.encoder = Encoder(cfg, rngs=rngs)
         self.quant_conv = conv(c, c, cfg.quant_conv_ks, rngs=rngs)
-        self.codebook = nnx.Param(
-            CODEBOOK_INIT_STD * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, (cfg.vocab_size, c)),
-            out_sharding=("vocab", "cvae"))
-        # The Phi convs, stacked: (K, 3, 3, C, C) HWIO kernels and (K, C) biases; K = 0 when Phi is the identity.
-        k = cfg.num_phi
-        phi_init = _torch_default_uniform(c * 9)
-        self.phi_kernels = nnx.Param(phi_init(rngs.params(), (k, 3, 3, c, c)),
-                                     out_sharding=("layers", "kernel", "kernel", "conv_in", "conv_out"))
-        self.phi_biases = nnx.Param(phi_init(rngs.params(), (k, c)), out_sharding=("layers", "conv_out"))
+        if cfg.quantizer == "vq":   # the BSQ quantizer (bsq.py) learns nothing: no codebook, no Phi
+            self.codebook = nnx.Param(
+                CODEBOOK_INIT_STD * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, (cfg.vocab_size, c)),
+                out_sharding=("vocab", "cvae"))
+            # The Phi convs, stacked: (K, 3, 3, C, C) HWIO kernels and (K, C) biases; K = 0 when Phi is the identity.
+            k = cfg.num_phi
+            phi_init = _torch_default_uniform(c * 9)
+            self.phi_kernels = nnx.Param(phi_init(rngs.params(), (k, 3, 3, c, c)),
+                                         out_sharding=("layers", "kernel", "kernel", "conv_in", "conv_out"))
+            self.phi_biases = nnx.Param(phi_init(rngs.params(), (k, c)), out_sharding=("layers", "conv_out"))
         self.post_quant_conv = conv(c, c, cfg.quant_conv_ks, rngs=rngs)
         self.decoder = Decoder(cfg, rngs=rngs)
 
@@ -291,7 +293,9 @@ class VQVAE(nnx.Module):
                                      f_hat)
 
     def quantizer_params(self) -> dict:
-        """The plain arrays the pure quantizer functions (quantizer.py) take."""
+        """The plain arrays the pure quantizer functions (quantizer.py) take (none for BSQ)."""
+        if self.cfg.quantizer == "bsq":
+            return {}
         return {"codebook": self.codebook[...], "phi_kernels": self.phi_kernels[...],
                 "phi_biases": self.phi_biases[...]}
 

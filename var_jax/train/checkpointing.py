@@ -39,6 +39,7 @@ import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
 from var_jax.orbax_loops import draining_event_loops
+from var_jax.train.config_base import ADDED_FIELDS
 from var_jax.train.optimizer import schedule_name
 from var_jax.paths import atomic_write_text
 from var_jax.train.stage import NonFiniteError, TrainingError
@@ -108,6 +109,11 @@ def _comparable(record: dict) -> dict:
     data = run.get("data")
     if isinstance(data, dict) and data.get("dir") == "":   # unset; runs recorded before token sets lack it
         data.pop("dir")
+    for section, defaults in ADDED_FIELDS.items():   # runs recorded before these fields computed their defaults
+        fields = run.get(section)
+        if isinstance(fields, dict):
+            for name, default in defaults.items():
+                fields.setdefault(name, default)
     return record
 
 

@@ -14,6 +14,12 @@ import ml_collections
 
 from var_jax.scale_config import PATCH_NUMS_256
 
+# Config fields added with Infinity's bitwise tokens, with their defaults (which compute what runs recorded before
+# them computed: the resume guard, train/checkpointing.py, treats a missing one as its default)
+ADDED_TOKENIZER_FIELDS = dict(quantizer="vq", bits=0, entropy_weight=0.1, inv_temperature=100.0)
+ADDED_FIELDS = {"model": dict(head="index", input_resize="auto"), "loss": dict(bitwise_self_correction=0.0),
+                "tokenizer": ADDED_TOKENIZER_FIELDS}
+
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     """'depth=16,batch=768' -> ConfigDict, typed like `defaults`; an unknown key is an error."""
@@ -62,6 +68,7 @@ def var_model_config(depth: int, **overrides) -> ml_collections.ConfigDict:
         depth=depth, width=-1, heads=-1, num_classes=-1, drop_path_rate=-1.0, init_adaln_gamma=-1.0,
         cond_drop_rate=0.1, shared_aln=False, attn_l2_norm=True, mlp_ratio=4.0, init_adaln=0.5, init_head=0.02,
         adaln=True, order="scale",             # ablations: plain LayerNorm / the raster-order AR baseline
+        head="index", input_resize="auto",     # 'bitwise': Infinity's per-bit head (BSQ tokenizers); next-input resize
         remat="none", attention_impl="auto",   # run settings (transformer.RunSettings), free to change on resume
     ))
     cfg.update(overrides)
@@ -120,7 +127,8 @@ def base_config(stage: str = "var") -> ml_collections.ConfigDict:
         patch_nums=PATCH_NUMS_256,
         data=data_config(),
         optim=optim_config(),
-        loss=ml_collections.ConfigDict(dict(label_smoothing=0.0, scale_weights=())),
+        # bitwise_self_correction: Infinity's flip probability p for BSQ tokenizers (train/var/self_correction.py)
+        loss=ml_collections.ConfigDict(dict(label_smoothing=0.0, scale_weights=(), bitwise_self_correction=0.0)),
         # VAR progressive training (train/var/progressive.py): the reference's pg, pg0 and pgwp in steps;
         # ramp_steps -1 = derived, the reference's pgwp default (ep/300 epochs = total_steps/300 steps)
         progressive=ml_collections.ConfigDict(dict(fraction=0.0, start_scale=4, ramp_steps=-1.0)),
@@ -144,7 +152,10 @@ def small_tokenizer_config(*, batch: int, steps: int, lr: float, vocab: int, dat
     config.tokenizer = ml_collections.ConfigDict(dict(
         vocab_size=vocab, z_channels=16, ch=32, ch_mult=ch_mult, num_res_blocks=1,
         attn_levels=(),            # the mid blocks still attend at the last latent size; no per-level attention
-        quant_conv_ks=3, beta=0.25, quant_resi=0.5, share_quant_resi=4, using_znorm=False, dropout=0.0))
+        quant_conv_ks=3, beta=0.25, quant_resi=0.5, share_quant_resi=4, using_znorm=False, dropout=0.0,
+        # quantizer='bsq': Infinity's bitwise quantizer with `bits` bits (vocab_size and z_channels then follow
+        # from bits); entropy_weight and inv_temperature are its entropy penalty's (var_jax/tokenizer/bsq.py)
+        **ADDED_TOKENIZER_FIELDS))
     config.loss = ml_collections.ConfigDict(dict(
         recon_kind="l1", recon_weight=1.0, vq_weight=1.0, lpips_weight=0.0,
         disc_weight=0.0, gan_kind="hinge", disc_start=0, adaptive_disc_weight=True,
@@ -161,14 +172,22 @@ def small_tokenizer_config(*, batch: int, steps: int, lr: float, vocab: int, dat
 
 def shapes_tokenizer_config(arg: ml_collections.ConfigDict, patch_nums: tuple[int, ...]) -> ml_collections.ConfigDict:
     """The shapes tokenizer (configs/shapes_tokenizer.py, configs/shapes_raster.py) from its parsed config
-    arguments (batch, steps, lr, vocab, image_size, latent) and token-map sides."""
+    arguments (batch, steps, lr, vocab, cvae, image_size, latent) and token-map sides."""
     config = small_tokenizer_config(
         batch=arg.batch, steps=arg.steps, lr=arg.lr, vocab=arg.vocab,
         data=data_config(name="shapes", image_size=arg.image_size, split="train"),
         patch_nums=patch_nums, ch_mult=downsampling_ch_mult(arg.image_size, arg.latent))
+    config.tokenizer.z_channels = arg.cvae
     config.checkpoint_every = 500
     config.sample_every = 500          # PNG grid: originals, then their reconstructions
+    config.eval_every = SHAPES_TOKENIZER_EVAL_EVERY
     return config
+
+
+# The shapes tokenizer recipe (docs/results/tokenizer_recipe.json): 8x8 latents (L = 130), 4096 codes of 32
+# channels, 6000 steps of 32; the held-out pass every 1000 steps costs about a tenth of the steps between
+SHAPES_TOKENIZER_RECIPE = dict(batch=32, steps=6000, lr=2e-3, image_size=32, latent=8, vocab=4096, cvae=32)
+SHAPES_TOKENIZER_EVAL_EVERY = 1000
 
 
 # lr = tblr · batch / 256 (the reference has no depth rule): 4e-4 at batch 32 for minutes-long CPU runs; the

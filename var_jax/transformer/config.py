@@ -38,6 +38,15 @@ RUN_SETTINGS = ("compute_dtype", "remat", "attention_impl")
 ACCELERATOR_BACKENDS = ("gpu", "tpu", "cuda", "rocm")
 # "scale": next-scale prediction (VAR); "raster": the next-token AR baseline over one token map (patch_nums (n,)).
 ORDERS = ("scale", "raster")
+# "index": one V-way softmax per token (VAR); "bitwise": d two-way logits per token for the d bits of a BSQ
+# tokenizer (Infinity's bitwise classifier, V = 2^d with d = z_channels; transformer/bitwise_head.py)
+HEADS = ("index", "bitwise")
+# how the next scale's input is resized from the summed tokenizer maps (tokenizer/quantizer.resolve_resize):
+# "auto" = the tokenizer's own (VAR's area for VQ, Infinity's bilinear for BSQ)
+INPUT_RESIZES = ("auto", "area", "bilinear")
+# fields added after the first model directories, with their defaults: left out of `to_dict` while at them, so that
+# such a model's config reads exactly as before they existed
+OPTIONAL_FIELDS = {"head": "index", "input_resize": "auto"}
 
 
 def resolve_compute_dtype(name: str, backend: str | None = None) -> str:
@@ -90,6 +99,8 @@ class VARConfig(ScaleScheduleConfig):
     # blocks and head; 'raster' = token-by-token AR over a single-scale tokenizer (see ORDERS)
     adaln: bool = True
     order: str = "scale"
+    head: str = "index"                 # see HEADS
+    input_resize: str = "auto"          # see INPUT_RESIZES
     # run settings (RUN_SETTINGS), not saved: set them with `with_run_settings`
     remat: str = "none"                 # "block": rematerialise each scanned block in the backward pass
     compute_dtype: str = "float32"      # parameters stay float32; activations use this dtype
@@ -118,6 +129,16 @@ class VARConfig(ScaleScheduleConfig):
         return round(self.width * self.mlp_ratio)
 
     @property
+    def bits(self) -> int:
+        """Bits per token a bitwise head predicts (z_channels, the BSQ tokenizer's d); 0 for an index head."""
+        return self.z_channels if self.head == "bitwise" else 0
+
+    @property
+    def head_size(self) -> int:
+        """Outputs per position: V logits, or two per bit (bit j's pair at [2j, 2j+1], Infinity's layout)."""
+        return 2 * self.bits if self.head == "bitwise" else self.vocab_size
+
+    @property
     def first_l(self) -> int:
         """Positions fed the start token: the whole first scale, or the one first token in raster order."""
         return 1 if self.order == "raster" else self.patch_nums[0] ** 2
@@ -133,8 +154,9 @@ class VARConfig(ScaleScheduleConfig):
         return dataclasses.replace(self, **dataclasses.asdict(settings))
 
     def to_dict(self) -> dict[str, Any]:
-        """The model's identity, JSON-safe: every field but the run settings."""
-        return {k: v for k, v in super().to_dict().items() if k not in RUN_SETTINGS}
+        """The model's identity, JSON-safe: every field but the run settings (and OPTIONAL_FIELDS at defaults)."""
+        return {k: v for k, v in super().to_dict().items()
+                if k not in RUN_SETTINGS and not (k in OPTIONAL_FIELDS and v == OPTIONAL_FIELDS[k])}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "VARConfig":
@@ -161,6 +183,12 @@ class VARConfig(ScaleScheduleConfig):
         need(self.order != "raster" or len(self.patch_nums) == 1, "patch_nums",
              "raster order needs a single-scale tokenizer (patch_nums of one side, e.g. (4,))")
         need(self.adaln or not self.shared_aln, "shared_aln", "needs adaln=True (it shares the AdaLN projection)")
+        need(self.head in HEADS, "head", f"must be one of {HEADS}")
+        need(self.head != "bitwise" or self.vocab_size == 2 ** self.z_channels, "head",
+             f"'bitwise' predicts the z_channels bits of a BSQ tokenizer, so vocab_size must be 2**z_channels "
+             f"(vocab_size {self.vocab_size}, z_channels {self.z_channels})")
+        need(self.head != "bitwise" or self.order == "scale", "head", "'bitwise' needs order='scale'")
+        need(self.input_resize in INPUT_RESIZES, "input_resize", f"must be one of {INPUT_RESIZES}")
         need(self.mlp_ratio > 0 and round(self.width * self.mlp_ratio) >= 1, "mlp_ratio", "must be > 0")
         need(0.0 <= self.drop_path_rate < 1.0, "drop_path_rate", "must be in [0, 1)")
         need(0.0 <= self.cond_drop_rate < 1.0, "cond_drop_rate", "must be in [0, 1)")
@@ -170,6 +198,17 @@ class VARConfig(ScaleScheduleConfig):
         need(self.compute_dtype in COMPUTE_DTYPES, "compute_dtype", f"must be one of {COMPUTE_DTYPES}")
         need(self.attention_impl in ATTENTION_IMPLS, "attention_impl", f"must be one of {ATTENTION_IMPLS}")
         return self
+
+
+def check_tokenizer_pairing(head: str, order: str, tokenizer_cfg) -> None:
+    """ValueError naming the field when a transformer with this head and order cannot read the tokenizer's tokens:
+    a bitwise head needs a BSQ tokenizer (quantizer 'bsq'), and raster order a VQ one."""
+    quantizer = getattr(tokenizer_cfg, "quantizer", "vq")
+    if head == "bitwise" and quantizer != "bsq":
+        raise ValueError(f"VARConfig.head: 'bitwise' predicts the bits of a BSQ tokenizer (quantizer='bsq'); this "
+                         f"tokenizer's quantizer is {quantizer!r}")
+    if order == "raster" and quantizer != "vq":
+        raise ValueError(f"VARConfig.order: 'raster' reads a VQ codebook; this tokenizer's quantizer is {quantizer!r}")
 
 
 def preset(depth: int, **overrides) -> VARConfig:

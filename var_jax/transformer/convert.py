@@ -92,8 +92,15 @@ def _patch_nums_from(sd, seq_len: int, tokenizer_config, patch_nums):
     return found
 
 
-def check_reference_variant(adaln: bool = True, order: str = "scale"):
-    """Reference checkpoints are AdaLN next-scale models: the ablation variants have no reference layout."""
+def check_reference_variant(adaln: bool = True, order: str = "scale", head: str = "index", quantizer: str = "vq"):
+    """Reference checkpoints are AdaLN next-scale models of a VQ codebook: the ablation variants and Infinity's
+    bitwise head / BSQ tokens have no reference layout."""
+    if head != "index":
+        raise ValueError(f"head={head!r} (Infinity's bitwise head) has no reference checkpoint layout: reference VAR "
+                         "checkpoints predict VQ codebook indices; train the model with var-jax instead of converting")
+    if quantizer != "vq":
+        raise ValueError(f"a tokenizer with quantizer={quantizer!r} has no reference VAR checkpoint: reference VAR "
+                         "checkpoints predict VQ codebook indices; train the model with var-jax instead of converting")
     if not adaln:
         raise ValueError("adaln=False (the w/o-AdaLN ablation) has no reference checkpoint layout: reference VAR "
                          "checkpoints always have AdaLN; train the ablation with var-jax instead of converting")
@@ -104,7 +111,8 @@ def check_reference_variant(adaln: bool = True, order: str = "scale"):
 
 def config_from_state_dict(sd, tokenizer_config=None, patch_nums=None, *, heads=None, **overrides) -> VARConfig:
     """Infer the VARConfig of a reference VAR state_dict (keys without a prefix; numpy arrays or torch tensors)."""
-    check_reference_variant(overrides.get("adaln", True), overrides.get("order", "scale"))
+    check_reference_variant(overrides.get("adaln", True), overrides.get("order", "scale"),
+                            overrides.get("head", "index"), getattr(tokenizer_config, "quantizer", "vq"))
     sd = {k: _to_numpy(v) for k, v in sd.items()}
     def need(key, ndim):
         if key not in sd:
@@ -210,7 +218,7 @@ def var_from_state_dict(sd, tokenizer_config=None, patch_nums=None, *, heads=Non
 def var_to_state_dict(model: VAR) -> dict[str, np.ndarray]:
     """var-jax VAR -> the reference state_dict (float32 numpy; buffers included, so it loads strictly)."""
     cfg = model.cfg
-    check_reference_variant(cfg.adaln, cfg.order)
+    check_reference_variant(cfg.adaln, cfg.order, cfg.head)
     flat = {path: np.asarray(v.get_value(), np.float32) for path, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
     C = cfg.width
     sd: dict[str, np.ndarray] = {}

@@ -57,7 +57,7 @@ class VAR(nnx.Module):
             self.shared_ada_lin = linear(cfg, C, 6 * C, ("embed", "ada"), rngs=rngs)
         self.blocks = _stacked_blocks(cfg, rngs)
         self.head_nm = AdaLNBeforeHead(cfg, rngs=rngs) if cfg.adaln else AffineLayerNorm(cfg)
-        self.head = linear(cfg, C, cfg.vocab_size, ("embed", "vocab"), rngs=rngs,
+        self.head = linear(cfg, C, cfg.head_size, ("embed", "vocab"), rngs=rngs,   # V, or 2 per bit (bitwise)
                            factor=cfg.init_head if cfg.init_head >= 0 else 1.0)
 
     # ---- embeddings ------------------------------------------------------------------------------------------
@@ -185,7 +185,7 @@ class VAR(nnx.Module):
         dtype = compute_dtype(cfg) if dtype is None else dtype
         return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
 
-    def forward_cached(self, x, cond, cache, start, kv_len=None, valid_len=None):
+    def forward_cached(self, x, cond, cache, start, kv_len=None, valid_len=None, key_mask=None):
         """Run the block input x (B, l, C) of the sequence positions [start, start+l) against the KV cache.
 
         Writes this block's keys/values into the cache and attends to cache positions [0, start+valid_len) with no
@@ -197,6 +197,8 @@ class VAR(nnx.Module):
         A static block that starts where a shorter cache ends (start == cache length) is not stored: it attends
         to the cache's positions and then to its own keys, the same values a cache read would give, and the
         cache comes back unchanged. That lets the last scale, which no later block reads, skip the cache.
+        key_mask (traced start only): a (kv_len,) bool mask of the keys the block may see besides that bound (a KV
+        window, var_jax/sample/accelerate.py).
         cond is the class embedding (B, C). Returns (logits (B, l, V) float32, updated cache)."""
         cfg = self.cfg
         if x.ndim != 3 or x.shape[2] != cfg.width:
@@ -219,7 +221,8 @@ class VAR(nnx.Module):
             if not l <= kv_len <= cache_len:
                 raise ValueError(f"forward_cached: kv_len must be in [{l}, {cache_len}], got {kv_len}")
             stop = kv_len
-            mask = (jnp.arange(kv_len) < start + valid_len)[None, None, None, :]
+            mask = jnp.arange(kv_len) < start + valid_len
+            mask = (mask if key_mask is None else mask & key_mask)[None, None, None, :]
         start_index = jnp.asarray(start, jnp.int32)
 
         def make_kv_fn(cache, layer):
@@ -244,6 +247,26 @@ class VAR(nnx.Module):
 
         x, cache = self._run_blocks(x.astype(compute_dtype(cfg)), cond, make_kv_fn, cache=cache)
         return self.logits(x, cond), cache
+
+    def forward_layers(self, x, cond, carry, layer_fn):
+        """x (B, l, C) through the blocks under a caller's layer step, for samplers that change which keys a block
+        sees or which tokens it computes (var_jax/sample/accelerated_forward.py). layer_fn(block, x, block_cond,
+        carry, layer) -> (x, carry, per-layer output or None), `layer` traced; carry rides in the scan's carry (a KV
+        cache there is updated in place). Returns (logits (B, l, V) float32, carry, stacked per-layer outputs)."""
+        graphdef, block_state = nnx.split(self.blocks)
+        x = x.astype(compute_dtype(self.cfg))
+        block_cond = self._block_cond(cond)
+        block_cond = None if block_cond is None else block_cond.astype(x.dtype)
+
+        def body(scan_carry, layer):
+            x, carry = scan_carry
+            state, index = layer
+            x, carry, out = layer_fn(nnx.merge(graphdef, state), x, block_cond, carry, index)
+            return (constrain(x, ACTIVATION_AXES), carry), out
+
+        layers = (block_state, jnp.arange(self.cfg.depth, dtype=jnp.int32))
+        (x, carry), outs = jax.lax.scan(body, (x, carry), layers)
+        return self.logits(x, cond), carry, outs
 
     def num_params(self) -> int:
         return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(nnx.state(self, nnx.Param)))

@@ -1,7 +1,8 @@
 """The trainer's tokenizer stage (`config.stage = 'tokenizer'`, see var_jax/train/stage.py for the contract).
 
 Config sections (configs/digits_tokenizer.py shows them all):
-  tokenizer             TokenizerConfig fields except patch_nums (the top-level `patch_nums` is used)
+  tokenizer             TokenizerConfig fields except patch_nums (the top-level `patch_nums` is used); with
+                        quantizer='bsq' (Infinity's BSQ, `bits` bits) vocab_size and z_channels follow from bits
   tokenizer_checkpoint  optional warm start: a model dir (`var-jax convert`) or a training workdir; the model's
                         own hyper-parameters are then used and the `tokenizer` section is ignored
   loss                  TokenizerLossConfig fields
@@ -34,7 +35,8 @@ from var_jax.train.tokenizer.evaluate import make_tokenizer_eval_step, tokenizer
 from var_jax.train.tokenizer.lpips import load_lpips
 from var_jax.train.tokenizer.state import (DiscriminatorConfig, TokenizerTrainModules, init_tokenizer_state,
                                               make_tokenizer_optimizer, tokenizer_state_layout, warm_start)
-from var_jax.train.tokenizer.step import TokenizerLossConfig, check_grad_accum, make_tokenizer_train_step
+from var_jax.train.tokenizer.step import (TokenizerLossConfig, check_grad_accum, check_quantizer,
+                                          make_tokenizer_train_step)
 
 
 def _section(config, name: str, cls):
@@ -50,6 +52,8 @@ def tokenizer_config_from(config):
     if config.get("tokenizer_checkpoint"):
         return load_tokenizer_for(config)
     fields = {**dict(config.tokenizer), "patch_nums": tuple(int(p) for p in config.patch_nums)}
+    if fields.get("quantizer") == "bsq":   # Infinity's: the vocabulary is 2^bits, the latent one channel per bit
+        fields.update(vocab_size=-1, z_channels=-1)
     try:
         return TokenizerConfig(**fields).validate(image_size=image_size), None
     except (TypeError, ValueError) as e:
@@ -87,6 +91,7 @@ def build_tokenizer_stage(config, mesh, dataset_classes: int) -> Stage:
     try:
         loss_cfg.validate()
         check_grad_accum(loss_cfg, accum)
+        check_quantizer(loss_cfg, tok_cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
     disc_cfg = None
@@ -123,7 +128,7 @@ def build_tokenizer_stage(config, mesh, dataset_classes: int) -> Stage:
         size = eval_cfg.batch_size
         evaluate = make_evaluator(
             make_tokenizer_eval_step(parts.merge, tok_cfg, loss_cfg.recon_kind),
-            lambda sums: tokenizer_val_metrics(sums, tok_cfg.patch_nums), mesh=mesh,
+            lambda sums: tokenizer_val_metrics(sums, tok_cfg), mesh=mesh,
             param_shardings=layout.shardings.params, frozen=None, frozen_shardings=None,
             batch_example={"image": jax.ShapeDtypeStruct((size, image_size, image_size, 3), np.uint8),
                            "mask": jax.ShapeDtypeStruct((size,), np.float32)})
@@ -144,8 +149,9 @@ def build_tokenizer_stage(config, mesh, dataset_classes: int) -> Stage:
         best_metric="val/rec_loss",
         model_config={"tokenizer": tok_cfg.to_dict(),
                       "discriminator": dataclasses.asdict(disc_cfg) if disc_cfg else None},
-        describe=f"tokenizer ch {tok_cfg.ch} x {tok_cfg.ch_mult}, V={tok_cfg.vocab_size}, Cvae={tok_cfg.z_channels}, "
-                 f"patch_nums {tok_cfg.patch_nums}, {n_gen:,} params; {', '.join(extras)}")
+        describe=f"tokenizer ch {tok_cfg.ch} x {tok_cfg.ch_mult}, "
+                 f"{f'BSQ {tok_cfg.bits} bits' if tok_cfg.quantizer == 'bsq' else f'V={tok_cfg.vocab_size}'}, "
+                 f"Cvae={tok_cfg.z_channels}, patch_nums {tok_cfg.patch_nums}, {n_gen:,} params; {', '.join(extras)}")
 
 
 def _reconstruction_grid(config, parts, mesh):

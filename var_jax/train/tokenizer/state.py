@@ -18,6 +18,7 @@ from jax.sharding import Mesh
 
 from var_jax.sharding import replicated
 from var_jax.tokenizer.config import TokenizerConfig
+from var_jax.tokenizer.quantizer import usage_shape
 from var_jax.train.tokenizer.discriminator import PatchDiscriminator
 from var_jax.tokenizer.vqvae import VQVAE
 from var_jax.train.optimizer import decay_mask, make_optimizer
@@ -47,7 +48,7 @@ class TokenizerTrainState:
     opt_state: Any           # optax.multi_transform state: one optimizer per key of params
     rng: jax.Array           # base key; per-step keys are fold_in(rng, step)
     counters: Any            # fault counters, as var_jax.train.state.TrainState.counters
-    usage_ema: jax.Array     # (num_scales, V) float32 code-hit EMA (quantizer.update_usage_ema)
+    usage_ema: jax.Array     # (num_scales, V) float32 code-hit EMA (quantizer.update_usage_ema); BSQ: (S, bits)
     usage_updates: jax.Array # int32 scalar: EMA updates done
 
 
@@ -81,8 +82,7 @@ def make_tokenizer_optimizer(parts: ModelParts, optim_cfg, disc_optim_cfg, *, ba
 def tokenizer_state_layout(parts: ModelParts, tx, mesh: Mesh, tokenizer_cfg: TokenizerConfig) -> StateLayout:
     base = abstract_train_state(parts, tx, mesh)
     rep = replicated(mesh)
-    usage_shape = (tokenizer_cfg.num_scales, tokenizer_cfg.vocab_size)
-    extra_abstract = dict(usage_ema=jax.ShapeDtypeStruct(usage_shape, jnp.float32, sharding=rep),
+    extra_abstract = dict(usage_ema=jax.ShapeDtypeStruct(usage_shape(tokenizer_cfg), jnp.float32, sharding=rep),
                           usage_updates=jax.ShapeDtypeStruct((), jnp.int32, sharding=rep))
     return StateLayout(
         abstract=TokenizerTrainState(**_fields(base.abstract), **extra_abstract),

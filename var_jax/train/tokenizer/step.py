@@ -13,6 +13,11 @@ Both updates go through one `optax.multi_transform` holding the two optimizers (
 The batch is {'image': (B, H, W, 3) uint8 (or float in [-1, 1]), ...}; `frozen` is the LPIPS network's params
 (or None). Everything runs in float32.
 
+With the BSQ quantizer (tokenizer/bsq.py, cfg.quantizer='bsq') `vq` is Infinity's quantizer loss (commitment and
+entropy penalty; loss.vq_weight is then Infinity's lfq_weight), the usage EMA counts each bit's ones per scale,
+`code_usage` is the % of bits used both ways and `bit_ones_{j}` the % of positions where bit j is 1 (EMA, mean
+over scales); there is no codebook to restart.
+
 Gradient accumulation (`grad_accum_steps` k > 1, train/grad_accum.py): both updates' gradients, the losses and
 metrics (all means over images) are averaged over k micro-batches, the code hit counts summed, and the encoder
 features that a dead-code restart draws from are put back together in the batch's order, so the step equals
@@ -88,6 +93,13 @@ def check_grad_accum(loss_cfg: TokenizerLossConfig, grad_accum_steps: int):
                          "weight (a ratio of whole-batch gradient norms); use 1, or loss.adaptive_disc_weight=False")
 
 
+def check_quantizer(loss_cfg: TokenizerLossConfig, tokenizer_cfg: TokenizerConfig):
+    """ValueError naming the field when the loss asks for what the quantizer lacks (BSQ has no codebook)."""
+    if loss_cfg.restart_every and tokenizer_cfg.quantizer == "bsq":
+        raise ValueError("tokenizer loss config: restart_every re-draws dead codebook entries; the BSQ quantizer "
+                         "has no codebook (set restart_every=0)")
+
+
 def make_tokenizer_train_step(merge: Callable[[Any], Any], tx: optax.GradientTransformation,
                               tokenizer_cfg: TokenizerConfig, loss_cfg: TokenizerLossConfig,
                               merge_lpips: Callable[[Any], Any] | None = None, grad_accum_steps: int = 1):
@@ -97,6 +109,7 @@ def make_tokenizer_train_step(merge: Callable[[Any], Any], tx: optax.GradientTra
     check_grad_accum(loss_cfg, grad_accum_steps)
     if loss_cfg.use_lpips and merge_lpips is None:
         raise ValueError("tokenizer loss config: lpips_weight > 0 needs LPIPS weights (lpips.vgg_path / lin_path)")
+    check_quantizer(loss_cfg, tokenizer_cfg)
     cfg, lc = tokenizer_cfg, loss_cfg
 
     def train_step(state: TokenizerTrainState, batch, frozen):
@@ -184,10 +197,12 @@ def make_tokenizer_train_step(merge: Callable[[Any], Any], tx: optax.GradientTra
             params = replace_path(params, CODEBOOK_PATH, jnp.where(due, new_codebook, codebook))
             metrics["codes_restarted"] = jnp.where(due, jnp.sum(dead), 0)
         images = to_model_range_on_device(batch["image"])
-        positions = images.shape[0] * cfg.latent_size * cfg.latent_size
-        usage = quantizer.code_usage_percent(ema, positions)
+        usage = quantizer.usage_percent(cfg, ema, images.shape[0])
         metrics["code_usage"] = jnp.mean(usage)
         metrics.update({f"code_usage_{pn}": usage[si] for si, pn in enumerate(cfg.patch_nums)})
+        if cfg.quantizer == "bsq":
+            ones = 100 * ema / jnp.asarray([images.shape[0] * pn * pn for pn in cfg.patch_nums], jnp.float32)[:, None]
+            metrics.update({f"bit_ones_{j}": share for j, share in enumerate(jnp.mean(ones, axis=0))})
         metrics.update(current_hyperparams(generator_opt_state(opt_state)))
 
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state, usage_ema=ema,

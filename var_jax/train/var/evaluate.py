@@ -10,7 +10,9 @@ are set) and of the correct top-1 tokens.
 
 Metrics: val/loss, val/acc (all tokens), val/loss_last, val/acc_last (the last scale), val/loss_s{k},
 val/acc_s{k} (scale k = 0, 1, ..., the k-th entry of patch_nums); accuracies in % like Accm / Acct (the error
-rate is 100 - acc); val/images, the number of held-out images.
+rate is 100 - acc); val/images, the number of held-out images. A bitwise head (`bits` > 0): the loss is the
+per-token mean over bits (loss.head_cross_entropy), val/acc* are bit accuracies, and val/token_acc,
+val/token_acc_last the share of tokens with every bit right.
 """
 from __future__ import annotations
 
@@ -23,13 +25,15 @@ import numpy as np
 from var_jax.checkpoints import ModelParts
 from var_jax.scale_config import scale_begin_ends
 from var_jax.train.var import loss as var_loss
+from var_jax.transformer import bitwise_head
 
 
 def make_var_eval_step(parts: ModelParts, patch_nums, tokenize: Callable, *, class_dropout: bool = False,
-                       seed: int = 0, input_key: str = "image") -> Callable:
+                       seed: int = 0, input_key: str = "image", bits: int = 0) -> Callable:
     """eval_step(params, batch, frozen) -> {'ce': (S,), 'correct': (S,), 'images': ()} sums over the real
-    images (batch 'mask' 1.0). With class_dropout the batch's 'index' (its number in the pass) seeds the draw,
-    so every evaluation of the same params drops the same labels."""
+    images (batch 'mask' 1.0; a bitwise head with `bits` bits adds 'token_correct': (S,)). With class_dropout the
+    batch's 'index' (its number in the pass) seeds the draw, so every evaluation of the same params drops the
+    same labels."""
     slices = scale_begin_ends(tuple(patch_nums))
 
     def per_scale(x, mask):
@@ -41,8 +45,12 @@ def make_var_eval_step(parts: ModelParts, patch_nums, tokenize: Callable, *, cla
         # deterministic=False with no dropout_key: class dropout only, never drop-path
         logits = parts.merge(params)(batch["label"], teacher, cond_drop_key=key, deterministic=not class_dropout)
         mask = batch["mask"].astype(jnp.float32)
-        return {"ce": per_scale(var_loss.token_cross_entropy(logits, tokens), mask),
-                "correct": per_scale(var_loss.token_correct(logits, tokens), mask), "images": jnp.sum(mask)}
+        sums = {"ce": per_scale(var_loss.head_cross_entropy(logits, tokens, bits=bits), mask),
+                "correct": per_scale(var_loss.head_correct(logits, tokens, bits), mask), "images": jnp.sum(mask)}
+        if bits:
+            exact = (bitwise_head.predicted_ids(logits, bits) == tokens).astype(jnp.float32)
+            sums["token_correct"] = per_scale(exact, mask)
+        return sums
     return eval_step
 
 
@@ -56,4 +64,7 @@ def var_val_metrics(sums: dict, patch_nums) -> dict:
            "val/loss_last": float(loss[-1]), "val/acc_last": float(acc[-1]), "val/images": n}
     for k in range(len(patch_nums)):
         out[f"val/loss_s{k}"], out[f"val/acc_s{k}"] = float(loss[k]), float(acc[k])
+    if "token_correct" in sums:
+        out["val/token_acc"] = float(100.0 * np.sum(sums["token_correct"]) / np.sum(tokens))
+        out["val/token_acc_last"] = float(100.0 * sums["token_correct"][-1] / tokens[-1])
     return out

@@ -11,7 +11,8 @@ from __future__ import annotations
 def var_forward_flops_per_example(cfg, seq_len: int | None = None) -> float:
     """Forward FLOPs of one image through the VAR transformer (VARConfig `cfg`) at sequence length L."""
     L = cfg.seq_len if seq_len is None else seq_len
-    C, V, Cv, H = cfg.width, cfg.vocab_size, cfg.z_channels, cfg.mlp_hidden
+    C, Cv, H = cfg.width, cfg.z_channels, cfg.mlp_hidden
+    V = getattr(cfg, "head_size", cfg.vocab_size)   # outputs per position: V, or 2 per bit for a bitwise head
     adaln = getattr(cfg, "adaln", True)     # the adaln=False ablation has no modulation projections
     per_block = (2 * L * C * 3 * C          # fused q|k|v
                  + 2 * 2 * L * L * C        # q·kᵀ and attention·v over every head

@@ -2,7 +2,10 @@
 
 The steps read images and tokenise them with the frozen tokenizer, or, with data.name='tokens', a token set's ids
 (data/tokens.py) and build only the teacher-forcing input from them; token sets made with another tokenizer
-(config, scales, vocabulary, weights) or image size are refused before anything compiles."""
+(config, scales, vocabulary, weights) or image size are refused before anything compiles.
+
+With a BSQ tokenizer (tokenizer/bsq.py): `model.head='bitwise'` (transformer/bitwise_head.py), `model.input_resize`
+and `loss.bitwise_self_correction=p` (var/self_correction.py; needs images, not a token set)."""
 from __future__ import annotations
 
 import dataclasses
@@ -27,9 +30,10 @@ from var_jax.train.var import flops
 from var_jax.train.var.evaluate import make_var_eval_step, var_val_metrics
 from var_jax.train.var.loss import token_weights
 from var_jax.train.var.progressive import progressive_from_config
+from var_jax.train.var.self_correction import FIELD as SELF_CORRECTION_FIELD, rate_steps
 from var_jax.train.var.step import VarStepConfig, make_ids_teacher_fn, make_tokenizer_fn, make_var_train_step
 from var_jax.transformer import VAR, RunSettings, VARConfig, preset
-from var_jax.transformer.config import RUN_SETTINGS
+from var_jax.transformer.config import RUN_SETTINGS, check_tokenizer_pairing
 
 # VARConfig fields that the config's `model` section may set; -1 means "derive" (see configs/common.py).
 _DERIVED = ("width", "heads", "num_classes", "drop_path_rate", "init_adaln_gamma")
@@ -60,11 +64,28 @@ def var_config_from(config, tok_cfg, dataset_classes: int):
     depth = int(fields.pop("depth"))
     settings = run_settings_from(config)
     try:
+        check_tokenizer_pairing(fields.get("head", "index"), fields.get("order", "scale"), tok_cfg)
         if 6 <= depth <= 36 and "width" not in fields:
             return preset(depth, **fields).with_run_settings(settings)
         return VARConfig(depth=depth, **fields).with_run_settings(settings)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"model: {str(e).replace('VARConfig.', 'model.')}") from None
+
+
+def self_correction_from(config, tok_cfg, from_tokens: bool) -> float:
+    """`loss.bitwise_self_correction` (0 when the config has no such field), checked against the tokenizer/data."""
+    p = float(config.loss.get("bitwise_self_correction", 0.0))
+    try:
+        rate_steps(p)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    if p and tok_cfg.quantizer != "bsq":
+        raise ConfigError(f"{SELF_CORRECTION_FIELD}: flips the bits of a BSQ tokenizer (quantizer='bsq'); this "
+                          f"tokenizer's quantizer is {tok_cfg.quantizer!r}")
+    if p and from_tokens:
+        raise ConfigError(f"{SELF_CORRECTION_FIELD}: re-quantizes the encoder's features, which a token set "
+                          "(data.name='tokens') does not hold; train from images")
+    return p
 
 
 def build_var_stage(config, mesh, dataset_classes: int) -> Stage:
@@ -73,8 +94,11 @@ def build_var_stage(config, mesh, dataset_classes: int) -> Stage:
     eval_cfg = eval_settings(config, mesh)
     tok_cfg, tokenizer = load_tokenizer_for(config, mesh)
     var_cfg = var_config_from(config, tok_cfg, dataset_classes)
+    from_tokens = config.data.get("name") == "tokens"
+    self_correction = self_correction_from(config, tok_cfg, from_tokens)
     step_cfg = VarStepConfig(patch_nums=var_cfg.patch_nums, label_smoothing=float(config.loss.label_smoothing),
-                             scale_weights=tuple(config.loss.scale_weights) or None, grad_accum_steps=accum)
+                             scale_weights=tuple(config.loss.scale_weights) or None, grad_accum_steps=accum,
+                             bits=var_cfg.bits)
     try:
         token_weights(var_cfg.patch_nums, step_cfg.scale_weights)
     except ValueError as e:
@@ -96,10 +120,9 @@ def build_var_stage(config, mesh, dataset_classes: int) -> Stage:
     tok_graphdef, tok_params = nnx.split(tokenizer)
     tok_state = nnx.to_pure_dict(tok_params)
     tok_shardings = nnx.to_pure_dict(state_shardings(tok_params, mesh))
-    from_tokens = config.data.get("name") == "tokens"
     if from_tokens:
         _check_token_sets(config, bool(eval_cfg.every), tok_cfg, tokenizer)
-    inputs = _StepInput.of(from_tokens, config, tok_graphdef, tok_cfg, var_cfg)
+    inputs = _StepInput.of(from_tokens, config, tok_graphdef, tok_cfg, var_cfg, self_correction)
     # held out: a token set when data.eval_dir names one, else the images the training tokens came from
     eval_inputs = _StepInput.of(from_tokens and bool(config.data.get("eval_dir")), config, tok_graphdef, tok_cfg,
                                 var_cfg)
@@ -148,6 +171,8 @@ def build_var_stage(config, mesh, dataset_classes: int) -> Stage:
                  f"V={var_cfg.vocab_size}; lr schedule {optimizer.schedule_name(config.optim, pg)}"
                  + (f", progressive from scale {sched.start_scale} to {sched.fraction:g} of the run, ramp "
                     f"{sched.ramp_steps:g} steps" if sched.enabled else "")
+                 + (f"; bitwise head ({var_cfg.bits} bits)" if var_cfg.bits else "")
+                 + (f", bitwise self-correction p={self_correction:g}" if self_correction else "")
                  + (f"; {accum} micro-batches of {int(config.batch_size) // accum} per step" if accum > 1 else "")
                  + (f"; token set {config.data.dir}" if from_tokens else ""))
 
@@ -161,12 +186,15 @@ class _StepInput:
     example: Callable[[int], jax.ShapeDtypeStruct]
 
     @classmethod
-    def of(cls, from_tokens: bool, config, tok_graphdef, tok_cfg, var_cfg) -> "_StepInput":
+    def of(cls, from_tokens: bool, config, tok_graphdef, tok_cfg, var_cfg,
+           self_correction: float = 0.0) -> "_StepInput":
         if from_tokens:
-            return cls("tokens", make_ids_teacher_fn(tok_graphdef, tok_cfg, order=var_cfg.order),
+            return cls("tokens", make_ids_teacher_fn(tok_graphdef, tok_cfg, order=var_cfg.order,
+                                                     input_resize=var_cfg.input_resize),
                        lambda b: jax.ShapeDtypeStruct((b, var_cfg.seq_len), token_dtype(tok_cfg.vocab_size)))
         size = int(config.data.image_size)
-        return cls("image", make_tokenizer_fn(tok_graphdef, tok_cfg, order=var_cfg.order),
+        return cls("image", make_tokenizer_fn(tok_graphdef, tok_cfg, order=var_cfg.order,
+                                              input_resize=var_cfg.input_resize, self_correction=self_correction),
                    lambda b: jax.ShapeDtypeStruct((b, size, size, 3), np.uint8))
 
 
@@ -192,7 +220,7 @@ def _make_evaluator(config, eval_cfg, mesh, parts, layout, var_cfg, inputs, tok_
     if eval_cfg.class_dropout:
         batch_example["index"] = jax.ShapeDtypeStruct((), np.int32)
     step = make_var_eval_step(parts, var_cfg.patch_nums, inputs.tokenize, class_dropout=eval_cfg.class_dropout,
-                              seed=int(config.seed), input_key=inputs.key)
+                              seed=int(config.seed), input_key=inputs.key, bits=var_cfg.bits)
     return make_evaluator(step, lambda sums: var_val_metrics(sums, var_cfg.patch_nums), mesh=mesh,
                           param_shardings=layout.shardings.params, frozen=tok_state, frozen_shardings=tok_shardings,
                           batch_example=batch_example)
