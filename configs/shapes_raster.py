@@ -7,16 +7,20 @@ with order='raster' (token-causal mask, next-token training, token-by-token KV-c
         --config.tokenizer_checkpoint=workdirs/shapes_raster_tokenizer
     python -m var_jax sample --model workdirs/shapes_raster_d4/model ...   (the sampler dispatches on the order)
 
-Arguments as configs/shapes_tokenizer.py (stage=tokenizer: batch, steps, lr, vocab, image_size, latent) and
-configs/shapes_var.py (stage=var: depth, batch, steps, image_size, latent, tblr); `adaln=false` gives the raster
-baseline without AdaLN. With latent 4 the sequence has 16 tokens (VAR's (1,2,3,4) has 30), with the same
-parameters but for the position embeddings.
+Arguments as configs/shapes_tokenizer.py (stage=tokenizer: batch, steps, lr, vocab, cvae, image_size, latent;
+the same recipe, so both rows of Table 3 start from equal tokenizers) and configs/shapes_var.py (stage=var:
+depth, batch, steps, image_size, latent, tblr); `adaln=false` gives the raster baseline without AdaLN. With
+latent 8 the sequence has 64 tokens (VAR's (1,2,3,4,6,8) has 130), with the same parameters but for the position
+embeddings.
 """
 from var_jax.train import config_base
 
 def get_config(arg=None):
-    arg = config_base.parse_arg(arg, stage="var", depth=2, batch=32, steps=1000, lr=2e-3, vocab=512, image_size=32,
-                                latent=4, tblr=config_base.SHAPES_VAR_TBLR, adaln=True)
+    # steps 0 = the stage's own: the multi-scale tokenizer's recipe for stage=tokenizer, 1000 for the transformer
+    arg = config_base.parse_arg(arg, stage="var", depth=2, **{**config_base.SHAPES_TOKENIZER_RECIPE, "steps": 0},
+                                tblr=config_base.SHAPES_VAR_TBLR, adaln=True)
+    if arg.steps == 0:
+        arg.steps = config_base.SHAPES_TOKENIZER_RECIPE["steps"] if arg.stage == "tokenizer" else 1000
     patch_nums = (arg.latent,)
     if arg.stage == "tokenizer":
         config = config_base.shapes_tokenizer_config(arg, patch_nums)

@@ -13,5 +13,5 @@ never trained on) is what a held-out evaluation should read.
 from var_jax.train import config_base
 
 def get_config(arg=None):
-    arg = config_base.parse_arg(arg, depth=2, batch=32, steps=1000, image_size=32, latent=4, tblr=config_base.SHAPES_VAR_TBLR)
+    arg = config_base.parse_arg(arg, depth=2, batch=32, steps=1000, image_size=32, latent=8, tblr=config_base.SHAPES_VAR_TBLR)
     return config_base.shapes_var_config(arg, config_base.small_patch_nums(arg.latent), "workdirs/shapes_tokenizer")

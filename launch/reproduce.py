@@ -60,7 +60,8 @@ VAR_CONFIG = {"scale": "configs/shapes_var.py", "raster": "configs/shapes_raster
 DEFAULTS = dict(tokenizer_arg="", raster_tokenizer_arg=None, recon_images=1000, depths="1,2,3,4,5",
                 sweep_steps=3000, eval_every=500, batch=32, eval_images=2000, ablation_depth=3,
                 ablation_steps=None, num_samples=1000, num_refs=1000)
-QUICK = dict(tokenizer_arg="steps=2,batch=8", recon_images=32, depths="1,2", sweep_steps=2, eval_every=2, batch=8,
+QUICK = dict(tokenizer_arg="steps=2,batch=8,latent=4,vocab=64,cvae=8", recon_images=32, depths="1,2", sweep_steps=2,
+             eval_every=2, batch=8,
              eval_images=16, ablation_depth=1, ablation_steps=2, num_samples=64, num_refs=100)
 QUICK_OVERRIDES = ["log_every=1", "sample_every=0", "checkpoint_every=2"]   # every step logged, no PNG grids
 

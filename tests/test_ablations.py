@@ -199,8 +199,11 @@ def test_raster_trains_on_a_fixed_batch():
 def test_shapes_raster_config():
     tok = repo_config("shapes_raster.py:stage=tokenizer")
     var = repo_config("shapes_raster.py")
-    assert tok.stage == "tokenizer" and tuple(tok.patch_nums) == (4,)
-    assert var.stage == "var" and tuple(var.patch_nums) == (4,)
+    assert tok.stage == "tokenizer" and tuple(tok.patch_nums) == (8,) and tok.total_steps == 6000
+    assert var.stage == "var" and tuple(var.patch_nums) == (8,) and var.total_steps == 1000
+    multi = repo_config("shapes_tokenizer.py")   # both rows of Table 3 start from the same recipe
+    assert (tok.tokenizer.vocab_size, tok.tokenizer.z_channels) == (multi.tokenizer.vocab_size,
+                                                                     multi.tokenizer.z_channels) == (4096, 32)
     assert var.model.order == "raster" and var.model.adaln
 
 
@@ -225,7 +228,7 @@ def test_raster_train_and_sample_commands(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
 
     work = tmp_path / "raster"
-    run("train", "--config", "configs/shapes_raster.py:depth=1,batch=8,steps=3,image_size=16,adaln=false",
+    run("train", "--config", "configs/shapes_raster.py:depth=1,batch=8,steps=3,image_size=16,latent=4,adaln=false",
         "--workdir", str(work), f"--config.tokenizer_checkpoint={tmp_path / 'tok'}", "--config.log_every=1",
         "--config.sample_every=3", "--config.num_sample_images=4", "--config.eval_every=3",
         "--config.eval_batch_size=1000")

@@ -275,8 +275,8 @@ def test_reproduce_runs_the_stages_in_order_then_skips_them(tmp_path, stubbed):
 
     calls = dict((kind, argv) for kind, argv in stub.calls)
     train = shlex.join(stub.calls[0][1])
-    assert "--config configs/shapes_tokenizer.py:steps=2,batch=8" in train and "--config.seed=7" in train
-    assert "configs/shapes_raster.py:stage=tokenizer,steps=2,batch=8" in shlex.join(stub.calls[1][1])
+    assert "--config configs/shapes_tokenizer.py:steps=2,batch=8,latent=4,vocab=64,cvae=8" in train and "--config.seed=7" in train
+    assert "configs/shapes_raster.py:stage=tokenizer,steps=2,batch=8,latent=4,vocab=64,cvae=8" in shlex.join(stub.calls[1][1])
     tokenize = [argv for kind, argv in stub.calls if kind == "tokenize"]
     assert [_option(a, "--count") for a in tokenize] == ["16", "16", "16", "16"]    # pool: 2 steps x 8; 16 held out
     assert ["--split" in a for a in tokenize] == [False, True, False, True]

@@ -83,7 +83,7 @@ def test_shapes_classifier_recognises_held_out_shapes_and_rejects_noise():
     assert classifier.score(noise, np.zeros(40, int))["in_distribution"] <= 0.1
 
 
-@pytest.mark.parametrize("arg", ["", "latent=8", "image_size=64,latent=8"])
+@pytest.mark.parametrize("arg", ["", "latent=4", "image_size=64,latent=8"])
 def test_shapes_configs_agree_and_the_tokenizer_shape_is_valid(arg):
     from conftest import repo_config
     from var_jax.tokenizer.config import TokenizerConfig
